@@ -1,0 +1,16 @@
+"""dlion: Distributed Lion, communication-efficient distributed training with 1-bit updates."""
+
+from dlion.worker.distributed_lion import DistributedLion, NonFiniteGradientError
+from dlion.worker.global_opt import GlobalOptimizer
+from dlion.worker.lion import Lion, lion_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistributedLion",
+    "GlobalOptimizer",
+    "Lion",
+    "NonFiniteGradientError",
+    "__version__",
+    "lion_update",
+]

@@ -1,0 +1,1 @@
+"""Wire codecs and how their packets combine."""

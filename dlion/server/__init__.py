@@ -1,0 +1,1 @@
+"""Aggregation topologies, transports and the byte ledger."""

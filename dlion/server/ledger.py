@@ -1,0 +1,128 @@
+"""The byte ledger: what one rank sends and receives, per step and per collective.
+
+Counts are kept in bits so 1-bit payloads of any length are exact; totals of whole
+messages are whole bytes. Each collective's traffic follows DESIGN.md's cost model
+(see the ``*_traffic`` functions), applied to the buffer sizes actually sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bits in one direction, split by what they carry."""
+
+    payload: int = 0
+    padding: int = 0
+    metadata: int = 0
+
+    @property
+    def bits(self) -> int:
+        return self.payload + self.padding + self.metadata
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(
+            self.payload + other.payload, self.padding + other.padding, self.metadata + other.metadata
+        )
+
+    def __mul__(self, k: int) -> Traffic:
+        return Traffic(self.payload * k, self.padding * k, self.metadata * k)
+
+
+NO_TRAFFIC = Traffic()
+
+
+@dataclass(frozen=True)
+class CollectiveRecord:
+    """One collective as seen by this rank."""
+
+    name: str  # what was exchanged, e.g. "bucket0" or "meta"
+    op: str  # the collective, e.g. "all_gather"
+    world_size: int
+    sent: Traffic
+    received: Traffic
+
+
+def all_gather_traffic(chunk: Traffic, world_size: int) -> tuple[Traffic, Traffic]:
+    """Ring all_gather, each rank owning ``chunk``: (N-1) chunks sent and received."""
+    return chunk * (world_size - 1), chunk * (world_size - 1)
+
+
+def all_reduce_traffic(buffer: Traffic, world_size: int) -> tuple[Traffic, Traffic]:
+    """Ring all_reduce of a buffer of S bits: 2 (N-1)/N S each way.
+
+    The caller pads the buffer so each of its N chunks is whole, making this exact.
+    """
+    n = world_size
+    parts = (buffer.payload, buffer.padding, buffer.metadata)
+    if any(p * 2 * (n - 1) % n for p in parts):
+        raise ValueError(f"all_reduce buffer {buffer} does not split into {n} whole chunks")
+    each = Traffic(*(p * 2 * (n - 1) // n for p in parts))
+    return each, each
+
+
+@dataclass
+class Ledger:
+    """Per-step lists of collective records for one rank.
+
+    ``n_params`` is the number of optimised parameters (elements), the denominator of
+    the bits-per-parameter figures.
+    """
+
+    n_params: int = 0
+    steps: list[list[CollectiveRecord]] = field(default_factory=list)
+    _open: list[CollectiveRecord] | None = None
+
+    def begin_step(self) -> None:
+        self._open = []
+
+    def record(self, rec: CollectiveRecord) -> None:
+        if self._open is None:
+            raise RuntimeError("Ledger.record called outside a step")
+        self._open.append(rec)
+
+    def end_step(self) -> None:
+        if self._open is None:
+            raise RuntimeError("Ledger.end_step called without begin_step")
+        self.steps.append(self._open)
+        self._open = None
+
+    def step_bytes(self) -> list[tuple[int, int]]:
+        """(bytes sent, bytes received) of each step."""
+        return [
+            (sum(r.sent.bits for r in recs) // 8, sum(r.received.bits for r in recs) // 8)
+            for recs in self.steps
+        ]
+
+    def totals(self) -> tuple[Traffic, Traffic]:
+        sent, received = NO_TRAFFIC, NO_TRAFFIC
+        for recs in self.steps:
+            for r in recs:
+                sent, received = sent + r.sent, received + r.received
+        return sent, received
+
+    def summary(self) -> dict[str, Any]:
+        """Totals in bytes and the per-step bits per parameter, up and down."""
+        sent, received = self.totals()
+        steps = len(self.steps)
+        denom = max(1, steps) * max(1, self.n_params)
+        return {
+            "steps": steps,
+            "n_params": self.n_params,
+            "bytes_sent": sent.bits // 8,
+            "bytes_received": received.bits // 8,
+            "bits_per_param_up": sent.bits / denom,
+            "bits_per_param_down": received.bits / denom,
+            "sent_bytes_by_kind": {k: getattr(sent, k) / 8 for k in ("payload", "padding", "metadata")},
+            "received_bytes_by_kind": {
+                k: getattr(received, k) / 8 for k in ("payload", "padding", "metadata")
+            },
+            "collectives_per_step": (sum(len(s) for s in self.steps) / steps) if steps else 0.0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        sent, received = self.totals()
+        return {"steps": len(self.steps), "bits_sent": sent.bits, "bits_received": received.bits}

@@ -1,0 +1,1 @@
+"""torch.optim optimizers: the Lion reference, DistributedLion, and baselines."""

@@ -1,0 +1,84 @@
+"""Typed, validated configuration for the dlion optimizers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+Vote = Literal["majority", "average"]
+Tie = Literal["random", "zero"]
+NonFinite = Literal["raise", "skip"]
+Backend = Literal["allgather"]
+
+VOTES: tuple[str, ...] = ("majority", "average")
+TIES: tuple[str, ...] = ("random", "zero")
+NONFINITE: tuple[str, ...] = ("raise", "skip")
+BACKENDS: tuple[str, ...] = ("allgather",)
+
+
+def _finite_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_lion_hyperparameters(*, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """Raise ValueError naming the first invalid Lion hyperparameter."""
+    if _finite_number("lr", lr) < 0:
+        raise ValueError(f"lr must be >= 0, got {lr!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= _finite_number(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+    if _finite_number("weight_decay", weight_decay) < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedLionConfig:
+    """How DistributedLion communicates; per-group lr/betas/weight_decay live in param groups.
+
+    vote:         "majority" (MaVo, 1-bit result) or "average" (counts of positive votes).
+    tie:          majority vote with an even number of workers can split evenly.
+                  "random": a fair coin seeded by (seed, step, position), identical on all
+                  ranks, keeps the result at 1 bit per parameter. "zero": no update on a
+                  tie, exactly sign(0) = 0; free with backend="allgather" (every rank votes
+                  locally), 2 bits per parameter on any backend that sends the result down.
+    nonfinite:    what a NaN/Inf gradient on any rank does: "raise" on every rank, or
+                  "skip" the whole step on every rank (parameters and momentum untouched).
+    seed:         run seed for the tie and zero-sign coins; must match across ranks.
+    bucket_numel: parameters per flat bucket (one collective per bucket).
+    force_comm:   communicate even with a world size of 1 (tests, benchmarks).
+    timeout:      bound on every collective wait (None: the process group's timeout).
+    """
+
+    vote: Vote = "majority"
+    tie: Tie = "random"
+    backend: Backend = "allgather"
+    nonfinite: NonFinite = "raise"
+    seed: int = 0
+    bucket_numel: int = 1 << 25
+    force_comm: bool = False
+    timeout: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("vote", self.vote, VOTES)
+        _one_of("tie", self.tie, TIES)
+        _one_of("backend", self.backend, BACKENDS)
+        _one_of("nonfinite", self.nonfinite, NONFINITE)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int):
+            raise ValueError(f"bucket_numel must be an int, got {self.bucket_numel!r}")
+        if self.bucket_numel < 128:
+            raise ValueError(f"bucket_numel must be >= 128, got {self.bucket_numel!r}")
+        if self.timeout is not None and self.timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout!r}")

@@ -1,0 +1,263 @@
+"""Distributed Lion: each rank sends one bit per parameter, all ranks apply the same vote."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dlion.kernels import derive_key
+from dlion.server.comm import TorchComm, world_comm
+from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
+from dlion.worker.buckets import Bucket, plan_buckets
+from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
+from dlion.worker.lion import lion_update
+from dlion.worker.sign_ops import ops_for
+
+# Coin streams: distinct key spaces for the zero-sign coin and the even-split tie coin.
+ZERO_STREAM, TIE_STREAM = 1, 2
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A rank produced a NaN or Inf gradient; raised on every rank."""
+
+
+class DistributedLion(torch.optim.Optimizer):
+    """Distributed Lion (Liu et al., NeurIPS 2024): a drop-in torch.optim.Optimizer.
+
+    Every rank keeps its own Lion momentum. Per step, with N ranks:
+
+      1. Local checks. Gradients must be dense floating point; each tensor is scanned
+         for NaN/Inf. On the first step a fingerprint all_gather (5 int64 per rank)
+         checks that all ranks hold the same parameter list and config.
+      2. Metadata all_gather (4 + ceil(T/8) bytes per rank for T tensors): which tensors
+         have a gradient on each rank and the first non-finite one. Every rank then takes
+         the same branch: raise NonFiniteGradientError, skip the step (nonfinite="skip"),
+         or go on. A tensor no rank has a gradient for is skipped like in torch.optim;
+         a rank without a gradient for a tensor others have one for votes with g = 0.
+      3. Sign step (fused kernel per tensor): c = b1*m + (1-b1)*g, its sign packed to one
+         bit per parameter in the tensor's flat bucket, m <- b2*m + (1-b2)*g. A c of
+         exactly 0 takes a seeded fair coin (bit 1 = positive) so it adds no drift.
+      4. Exchange: one all_gather per bucket of packed bits: (N-1)/8 bytes per parameter
+         each way for this backend.
+      5. Vote on the packed words, identical on all ranks: "majority" = sign of the sum
+         (even splits by ``tie``), "average" = mean of the signs (counts of +1 votes).
+      6. Apply: p <- p*(1 - lr*wd) - lr*update, with each param group's lr and wd.
+
+    With world size 1 (or no process group) and ``force_comm=False``, steps 1-2 and 4-5
+    are skipped and the update is exactly ``dlion.Lion``'s. ``ledger`` records every
+    collective's bytes (payload, padding, metadata) per step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        vote: Vote = "majority",
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        tie: Tie = "random",
+        backend: str = "allgather",
+        nonfinite: str = "raise",
+        seed: int = 0,
+        bucket_numel: int = 1 << 25,
+        force_comm: bool = False,
+        timeout: timedelta | None = None,
+    ) -> None:
+        check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
+        self.config = DistributedLionConfig(
+            vote=vote,
+            tie=tie,
+            backend=backend,  # type: ignore[arg-type]
+            nonfinite=nonfinite,  # type: ignore[arg-type]
+            seed=seed,
+            bucket_numel=bucket_numel,
+            force_comm=force_comm,
+            timeout=timeout,
+        )
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+        self._flat = [(p, g) for g in self.param_groups for p in g["params"]]
+        self._names = [self._param_name(i) for i in range(len(self._flat))]
+        for i, (p, _) in enumerate(self._flat):
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"DistributedLion needs floating-point parameters; {self._names[i]} is {p.dtype}"
+                )
+        self._comm: TorchComm | None = world_comm(process_group, timeout)
+        self._buckets: list[Bucket] = plan_buckets([p.numel() for p, _ in self._flat], bucket_numel)
+        self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
+        self.steps_taken = 0  # steps that ran (skipped ones included): keys the coins
+        self.skipped_steps = 0
+        self._checked = False
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size if self._comm is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank if self._comm is not None else 0
+
+    def _param_name(self, i: int) -> str:
+        count = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if i < count + len(group["params"]):
+                j = i - count
+                shape = tuple(group["params"][j].shape)
+                return f"parameter {names[j]!r} {shape}" if names else f"parameter #{i} {shape}"
+            count += len(group["params"])
+        raise IndexError(i)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [self._checked_grad(i, p) for i, (p, _) in enumerate(self._flat)]
+        if self._comm is None or (self._comm.world_size == 1 and not self.config.force_comm):
+            self._step_local(grads)
+        else:
+            self._step_distributed(self._comm, grads)
+        self.steps_taken += 1
+        return loss
+
+    def _checked_grad(self, i: int, p: torch.Tensor) -> torch.Tensor | None:
+        g = p.grad
+        if g is None:
+            return None
+        if g.is_sparse:
+            raise TypeError(f"DistributedLion does not support sparse gradients ({self._names[i]})")
+        if not g.is_floating_point():
+            raise TypeError(f"gradient of {self._names[i]} is {g.dtype}; expected a floating-point dtype")
+        return g
+
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        m = state.get("exp_avg")
+        if m is None:
+            m = state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        elif m.dtype != torch.float32 or not m.is_contiguous():
+            # torch's load_state_dict casts state to the parameter dtype; momentum stays fp32.
+            m = state["exp_avg"] = m.to(torch.float32).contiguous()
+        return m
+
+    def _step_local(self, grads: list[torch.Tensor | None]) -> None:
+        """World size 1: plain Lion, no bits."""
+        bad = [i for i, g in enumerate(grads) if g is not None and not bool(torch.isfinite(g).all())]
+        if bad and self._nonfinite(StepMeta(np.ones(1, bool), 0, bad[0])):
+            return
+        for (p, group), g in zip(self._flat, grads, strict=True):
+            if g is None:
+                continue
+            b1, b2 = group["betas"]
+            lion_update(
+                p,
+                g,
+                self._momentum(p),
+                lr=group["lr"],
+                beta1=b1,
+                beta2=b2,
+                weight_decay=group["weight_decay"],
+            )
+
+    def _nonfinite(self, meta: StepMeta) -> bool:
+        """Raise, or return True to skip the step; the same on every rank."""
+        where = f"rank {meta.bad_rank}, {self._names[meta.bad_index]}"
+        if self.config.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or Inf) on {where} at step {self.steps_taken}; "
+                "pass nonfinite='skip' to skip such steps on all ranks"
+            )
+        self.skipped_steps += 1
+        return True
+
+    def _step_distributed(self, comm: TorchComm, grads: list[torch.Tensor | None]) -> None:
+        cfg = self.config
+        ops = ops_for(self._flat[0][0].device) if self._flat else None
+        self.ledger.begin_step()
+        try:
+            # Phase 1: local checks, and once, the fingerprint exchange.
+            if not self._checked:
+                check_fingerprint(comm, [p for p, _ in self._flat], self._config_text(), self.ledger)
+                self._checked = True
+            present = np.array([g is not None for g in grads], dtype=bool)
+            bad = next((i for i, g in enumerate(grads) if g is not None and ops and ops.nonfinite(g)), -1)
+            # Phase 2: metadata exchange; all ranks branch alike.
+            meta = exchange_step_meta(comm, present, bad, self.ledger)
+            if meta.bad_rank >= 0 and self._nonfinite(meta):
+                return
+            assert ops is not None
+            for k, bucket in enumerate(self._buckets):
+                # Phase 3: fused sign step into the bucket's send buffer.
+                send = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=self._flat[0][0].device)
+                for s in bucket.slots:
+                    if not meta.present[s.index]:
+                        continue
+                    p, group = self._flat[s.index]
+                    g = grads[s.index]
+                    b1, b2 = group["betas"]
+                    key = derive_key(cfg.seed, ZERO_STREAM, self.steps_taken, comm.rank, s.index)
+                    ops.sign_step(
+                        g if g is not None else torch.zeros_like(p),
+                        self._momentum(p),
+                        send[s.byte_offset : s.byte_offset + s.nbytes],
+                        b1,
+                        b2,
+                        key,
+                    )
+                # Phase 4: exchange the packed bits.
+                gathered = comm.all_gather(send, f"bucket {k} all_gather").to(send.device)
+                chunk = Traffic(payload=bucket.payload_bits, padding=bucket.padding_bits)
+                sent, received = all_gather_traffic(chunk, comm.world_size)
+                self.ledger.record(
+                    CollectiveRecord(f"bucket{k}", "all_gather", comm.world_size, sent, received)
+                )
+                # Phase 5: vote on the packed words.
+                tie_key = derive_key(cfg.seed, TIE_STREAM, self.steps_taken, k)
+                planes, table = ops.combine(gathered, vote=cfg.vote, tie=cfg.tie, tie_key=tie_key)
+                # Phase 6: apply the same update on every rank.
+                for s in bucket.slots:
+                    if meta.present[s.index]:
+                        p, group = self._flat[s.index]
+                        ops.apply(
+                            p,
+                            planes[:, s.byte_offset : s.byte_offset + s.nbytes],
+                            table,
+                            group["lr"],
+                            group["weight_decay"],
+                        )
+        finally:
+            self.ledger.end_step()
+
+    def _config_text(self) -> str:
+        cfg = asdict(self.config)
+        cfg.pop("timeout")
+        return repr(sorted(cfg.items()))
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["dlion"] = {
+            "steps_taken": self.steps_taken,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.world_size,
+            "rank": self.rank,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("dlion", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.steps_taken = int(extra["steps_taken"])
+            self.skipped_steps = int(extra["skipped_steps"])

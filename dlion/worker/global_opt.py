@@ -1,0 +1,109 @@
+"""The usual data-parallel baseline: all-reduce dense gradients, then a local optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dlion.server.comm import TorchComm, world_comm
+from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_reduce_traffic
+from dlion.server.meta import exchange_step_meta
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class GlobalOptimizer:
+    """Wraps any torch optimizer with a ring all-reduce of the gradients ("global AdamW").
+
+    Per step, with N ranks:
+      1. Metadata all_gather (4 + ceil(T/8) bytes per rank): which tensors have a
+         gradient anywhere. A tensor none has stays None (the inner optimizer skips it);
+         a rank without one contributes zeros.
+      2. One all_reduce (sum) of all gradients, flattened in ``wire_dtype`` and padded so
+         each of the N ring chunks is a whole number of elements; then divide by N.
+      3. The inner optimizer's step on the averaged gradients, identical on all ranks.
+    """
+
+    def __init__(
+        self,
+        inner: torch.optim.Optimizer,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        wire_dtype: str = "float32",
+        timeout: timedelta | None = None,
+    ) -> None:
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.inner = inner
+        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self._comm: TorchComm | None = world_comm(process_group, timeout)
+        self._flat = [p for g in inner.param_groups for p in g["params"]]
+        self.ledger = Ledger(n_params=sum(p.numel() for p in self._flat))
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.inner.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        comm = self._comm
+        if comm is not None and comm.world_size > 1:
+            self._average_grads(comm)
+        self.inner.step()
+        return loss
+
+    def _average_grads(self, comm: TorchComm) -> None:
+        self.ledger.begin_step()
+        try:
+            present = np.array([p.grad is not None for p in self._flat], dtype=bool)
+            meta = exchange_step_meta(comm, present, -1, self.ledger)
+            live = [p for p, on in zip(self._flat, meta.present, strict=True) if on]
+            numel = sum(p.numel() for p in live)
+            n = comm.world_size
+            padded = -(-numel // n) * n
+            flat = torch.zeros(padded, dtype=self.wire_dtype, device=live[0].device if live else "cpu")
+            offset = 0
+            for p in live:
+                if p.grad is not None:
+                    flat[offset : offset + p.numel()] = p.grad.reshape(-1)
+                offset += p.numel()
+            flat = flat.to(comm.device)
+            comm.all_reduce_sum(flat, "gradient all_reduce")
+            bits = 8 * flat.element_size()
+            sent, received = all_reduce_traffic(
+                Traffic(payload=bits * numel, padding=bits * (padded - numel)), n
+            )
+            self.ledger.record(CollectiveRecord("grads", "all_reduce", n, sent, received))
+            flat.div_(n)
+            offset = 0
+            for p in live:
+                avg = flat[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
+                if p.grad is None:
+                    p.grad = avg.clone()
+                else:
+                    p.grad.copy_(avg)
+                offset += p.numel()
+        finally:
+            self.ledger.end_step()

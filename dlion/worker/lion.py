@@ -1,0 +1,79 @@
+"""The single-process reference Lion optimizer (Chen et al., 2023).
+
+The math lives in ``lion_update``; ``Lion`` only gathers state and calls it. Each float32
+operation is a separate, rounded torch op (no ``alpha=`` fused multiply-adds), so the
+Numba kernels, which use the same operation order, reproduce it bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from dlion.worker.config import check_lion_hyperparameters
+
+
+@torch.no_grad()
+def lion_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """c = b1*m + (1-b1)*g;  p <- p*(1 - lr*wd) - lr*sign(c);  m <- b2*m + (1-b2)*g."""
+    grad = grad.to(exp_avg.dtype)
+    c = exp_avg * beta1 + grad * (1.0 - beta1)
+    param.mul_(1.0 - lr * weight_decay)
+    param.sub_(torch.sign(c).mul_(lr).to(param.dtype))
+    exp_avg.mul_(beta2).add_(grad * (1.0 - beta2))
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion on one process: ``p <- p - lr*(sign(b1*m + (1-b1)*g) + wd*p)``.
+
+    Momentum (``state[p]["exp_avg"]``) is float32 whatever the parameter dtype.
+    Parameters whose ``.grad`` is None are skipped, as in every torch optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
+        check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                lion_update(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                )
+        return loss

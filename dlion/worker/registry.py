@@ -1,0 +1,117 @@
+"""Optimizers by name, for the training job and the benchmarks.
+
+A table of builders, not an if/elif chain: adding a baseline is adding a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dlion.server.ledger import Ledger
+from dlion.worker.distributed_lion import DistributedLion
+from dlion.worker.global_opt import GlobalOptimizer
+from dlion.worker.lion import Lion
+
+Builder = Callable[..., Any]
+
+
+class LocalOptimizer:
+    """A single-process optimizer with an (empty) ledger, so reports look the same."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+        self.ledger = Ledger(n_params=sum(p.numel() for g in inner.param_groups for p in g["params"]))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        return self.inner.step(closure)
+
+
+def _lion(
+    params: Iterable[Any],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    process_group: dist.ProcessGroup | None,
+    seed: int,
+) -> Any:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        raise ValueError(
+            "optimizer 'lion' is single-process; use 'lion-global' or 'dlion-mavo' with N workers"
+        )
+    return LocalOptimizer(Lion(params, lr=lr, betas=betas, weight_decay=weight_decay))
+
+
+def _dlion(vote: str) -> Builder:
+    def build(
+        params: Iterable[Any],
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        process_group: dist.ProcessGroup | None,
+        seed: int,
+    ) -> Any:
+        return DistributedLion(
+            params,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            vote=vote,  # type: ignore[arg-type]
+            process_group=process_group,
+            seed=seed,
+        )
+
+    return build
+
+
+def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
+    def build(
+        params: Iterable[Any],
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        process_group: dist.ProcessGroup | None,
+        seed: int,
+    ) -> Any:
+        return GlobalOptimizer(
+            make_inner(params, lr=lr, betas=betas, weight_decay=weight_decay), process_group
+        )
+
+    return build
+
+
+OPTIMIZERS: dict[str, Builder] = {
+    "lion": _lion,
+    "dlion-mavo": _dlion("majority"),
+    "dlion-avg": _dlion("average"),
+    "adamw-global": _global(torch.optim.AdamW),
+    "lion-global": _global(Lion),
+}
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[Any],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.99),
+    process_group: dist.ProcessGroup | None = None,
+    seed: int = 0,
+) -> Any:
+    """The optimizer called ``name``; every one has ``.ledger``."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    return OPTIMIZERS[name](
+        params, lr=lr, weight_decay=weight_decay, betas=betas, process_group=process_group, seed=seed
+    )

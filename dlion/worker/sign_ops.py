@@ -1,0 +1,137 @@
+"""Sign kernels on torch tensors, picked by device.
+
+``CpuSignOps`` runs the Numba kernels on zero-copy NumPy views of CPU tensors.
+``TorchSignOps`` is the same math in plain torch ops, for CUDA tensors (the NCCL path)
+until dedicated CUDA kernels land; the tests hold it to the CPU kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dlion import kernels
+from dlion.compress.sign import MAJORITY_TABLE, TERNARY_TABLE, average_table, combine
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def _flat_f32(t: torch.Tensor) -> torch.Tensor:
+    """A flat float32 view of t when possible, else a float32 copy."""
+    return t.detach().reshape(-1).to(torch.float32)
+
+
+class CpuSignOps:
+    """Numba kernels on CPU tensors."""
+
+    def sign_step(
+        self, grad: torch.Tensor, exp_avg: torch.Tensor, out: torch.Tensor, b1: float, b2: float, key: int
+    ) -> None:
+        # exp_avg is a contiguous float32 state tensor: its view is written in place.
+        kernels.lion_sign_step(
+            _flat_f32(grad).numpy(), exp_avg.view(-1).numpy(), out.numpy(), b1, b2, np.uint64(key)
+        )
+
+    def nonfinite(self, grad: torch.Tensor) -> bool:
+        return not kernels.all_finite(grad.detach().reshape(-1).numpy())
+
+    def combine(
+        self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = combine(gathered.numpy(), vote=vote, tie=tie, tie_key=tie_key)
+        return torch.from_numpy(c.planes), torch.from_numpy(c.table)
+
+    def apply(
+        self, param: torch.Tensor, planes: torch.Tensor, table: torch.Tensor, lr: float, wd: float
+    ) -> None:
+        flat = param.detach().view(-1) if _is_plain_f32(param) else _flat_f32(param).clone()
+        kernels.apply_update(flat.numpy(), planes.numpy(), table.numpy(), lr, wd)
+        if flat.data_ptr() != param.data_ptr():
+            param.detach().copy_(flat.view_as(param))
+
+
+def _is_plain_f32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.is_contiguous()
+
+
+def _coin_bytes(key: int, n: int, device: torch.device) -> torch.Tensor:
+    """coin_bytes(key, 0, n) in int64 torch ops: wrapping multiply, masked logical shifts."""
+
+    def shr(z: torch.Tensor, s: int) -> torch.Tensor:
+        return (z >> s) & ((1 << (64 - s)) - 1)
+
+    def signed(v: int) -> int:
+        v &= (1 << 64) - 1
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    z = torch.arange(n, dtype=torch.int64, device=device) + signed(key + _GOLDEN)
+    z = (z ^ shr(z, 30)) * signed(0xBF58476D1CE4E5B9)
+    z = (z ^ shr(z, 27)) * signed(0x94D049BB133111EB)
+    z = z ^ shr(z, 31)
+    return shr(z, 56).to(torch.uint8)
+
+
+def _pack(flags: torch.Tensor) -> torch.Tensor:
+    """bool[n] -> uint8[ceil(n/8)], MSB first."""
+    n = flags.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=flags.device)
+    padded[:n] = flags
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flags.device)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack(bits: torch.Tensor) -> torch.Tensor:
+    """uint8[..., nb] -> uint8[..., 8*nb] of 0/1."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)
+
+
+class TorchSignOps:
+    """The same kernels in torch ops (any device); used for CUDA tensors."""
+
+    def sign_step(
+        self, grad: torch.Tensor, exp_avg: torch.Tensor, out: torch.Tensor, b1: float, b2: float, key: int
+    ) -> None:
+        g = _flat_f32(grad)
+        m = exp_avg.view(-1)
+        c = m * b1 + g * (1.0 - b1)
+        bits = _pack(c > 0)
+        zeros = _pack(c == 0)
+        bits |= zeros & _coin_bytes(key, bits.numel(), bits.device)
+        out[: bits.numel()] = bits
+        m.mul_(b2).add_(g * (1.0 - b2))
+
+    def nonfinite(self, grad: torch.Tensor) -> bool:
+        return not bool(torch.isfinite(grad).all())
+
+    def combine(
+        self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = gathered.shape[0]
+        counts = _unpack(gathered).sum(dim=0, dtype=torch.int32)
+        dev = gathered.device
+        if vote == "average":
+            planes = torch.stack([_pack((counts >> b) & 1 == 1) for b in range(max(1, n.bit_length()))])
+            return planes, torch.from_numpy(average_table(n)).to(dev)
+        win, tied = _pack(2 * counts > n), _pack(2 * counts == n)
+        if n % 2 == 0 and tie == "zero":
+            return torch.stack([win, tied]), torch.from_numpy(TERNARY_TABLE).to(dev)
+        if n % 2 == 0:
+            win |= tied & _coin_bytes(tie_key, win.numel(), dev)
+        return win.unsqueeze(0), torch.from_numpy(MAJORITY_TABLE).to(dev)
+
+    def apply(
+        self, param: torch.Tensor, planes: torch.Tensor, table: torch.Tensor, lr: float, wd: float
+    ) -> None:
+        n = param.numel()
+        codes = torch.zeros(n, dtype=torch.int64, device=param.device)
+        for b in range(planes.shape[0]):
+            codes |= _unpack(planes[b])[:n].to(torch.int64) << b
+        flat = _flat_f32(param).clone()
+        flat.mul_(1.0 - lr * wd).sub_((table.to(flat.device) * lr)[codes])
+        param.detach().copy_(flat.view_as(param))
+
+
+def ops_for(device: torch.device) -> CpuSignOps | TorchSignOps:
+    return CpuSignOps() if device.type == "cpu" else TorchSignOps()

@@ -1,0 +1,61 @@
+"""Run a function on N local Gloo ranks (spawned processes) with bounded waits."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _entry(fn: Callable[..., Any], rank: int, world: int, store: str, q: Any, kwargs: dict[str, Any]) -> None:
+    import numba
+
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+        q.put((rank, "ok", fn(rank=rank, world=world, **kwargs)))
+    except BaseException as err:  # report every failure to the parent, then exit
+        q.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, timeout_s: float = 120, **kwargs: Any) -> list[Any]:
+    """fn(rank=, world=, **kwargs) on each rank; returns results by rank or raises."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, q, kwargs)) for r in range(world)]
+        for p in procs:
+            p.start()
+        results: dict[int, tuple[str, Any]] = {}
+        try:
+            for _ in range(world):
+                rank, status, value = q.get(timeout=timeout_s)
+                results[rank] = (status, value)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    return [results[r] for r in range(world)]
+
+
+def run_ok(fn: Callable[..., Any], world: int, **kwargs: Any) -> list[Any]:
+    out = run_ranks(fn, world, **kwargs)
+    errors = [v for s, v in out if s != "ok"]
+    if errors:
+        raise AssertionError("a rank failed:\n" + "\n".join(errors))
+    return [v for _, v in out]

@@ -1,0 +1,107 @@
+"""Bad input: a clear error naming the bad value, on every rank, never a hang."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+import dlion
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"betas": (1.0, 0.99)}, "betas[0]"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"vote": "mean"}, "vote"),
+        ({"tie": "up"}, "tie"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"backend": "ring"}, "backend"),
+        ({"seed": -3}, "seed"),
+        ({"bucket_numel": 4}, "bucket_numel"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        dlion.DistributedLion([torch.nn.Parameter(torch.zeros(3))], **kwargs)  # type: ignore[arg-type]
+
+
+def test_lion_rejects_bad_lr() -> None:
+    with pytest.raises(ValueError, match="lr"):
+        dlion.Lion([torch.nn.Parameter(torch.zeros(3))], lr=-1)
+
+
+def test_sparse_and_integer_gradients() -> None:
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = dlion.DistributedLion([("w", p)])
+    p.grad = torch.zeros(4).to_sparse()
+    with pytest.raises(TypeError, match=r"sparse.*'w'"):
+        opt.step()
+    with pytest.raises(TypeError, match="floating-point"):
+        dlion.DistributedLion([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_nonfinite_raises_at_world_size_one() -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = dlion.DistributedLion([("layer.weight", p)])
+    p.grad = torch.tensor([0.0, float("inf"), 1.0, 2.0])
+    with pytest.raises(dlion.NonFiniteGradientError, match=re.escape("layer.weight")):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4))
+
+
+def _nan_on_rank1(rank: int, world: int, mode: str) -> dict[str, object]:
+    params = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(5))]
+    opt = dlion.DistributedLion([("a", params[0]), ("b", params[1])], lr=0.1, nonfinite=mode)  # type: ignore[arg-type]
+    params[0].grad = torch.ones(10)
+    params[1].grad = torch.full((5,), float("nan") if rank == 1 else 1.0)
+    try:
+        opt.step()
+    except dlion.NonFiniteGradientError as err:
+        return {"error": str(err)}
+    # skip mode: nothing moved, and the next (finite) step runs normally on all ranks
+    unchanged = all(torch.equal(p.detach(), torch.ones_like(p)) for p in params)
+    params[1].grad = torch.ones(5)
+    opt.step()
+    return {"unchanged": unchanged, "skipped": opt.skipped_steps, "moved": float(params[0].detach()[0])}
+
+
+def test_nonfinite_gradient_raises_on_every_rank() -> None:
+    out = run_ranks(_nan_on_rank1, 2, mode="raise")
+    for status, value in out:
+        assert status == "ok"
+        assert "rank 1" in value["error"] and "'b'" in value["error"]
+
+
+def test_nonfinite_gradient_skipped_on_every_rank() -> None:
+    out = run_ranks(_nan_on_rank1, 2, mode="skip")
+    for status, value in out:
+        assert status == "ok", value
+        assert value["unchanged"] and value["skipped"] == 1
+        assert value["moved"] == pytest.approx(0.9)
+
+
+def _mismatched(rank: int, world: int) -> str:
+    shapes = [(4, 3), (3,)] if rank == 0 else [(4, 3), (3,), (2,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = dlion.DistributedLion(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_mismatched_parameter_lists_fail_on_every_rank() -> None:
+    out = run_ranks(_mismatched, 2, timeout_s=60)
+    for status, value in out:
+        assert status == "ok"
+        assert "rank 1 tensors=3 vs rank 0 tensors=2" in value
