@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -23,7 +24,9 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, store: str, q: Any, kw
         dist.init_process_group(
             "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
         )
-        q.put((rank, "ok", fn(rank=rank, world=world, **kwargs)))
+        # Plain pickle bytes: torch's queue pickler would share tensors through file
+        # descriptors that die with this process.
+        q.put((rank, "ok", pickle.dumps(fn(rank=rank, world=world, **kwargs))))
     except BaseException as err:  # report every failure to the parent, then exit
         q.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
     finally:
@@ -44,7 +47,7 @@ def run_ranks(fn: Callable[..., Any], world: int, timeout_s: float = 120, **kwar
         try:
             for _ in range(world):
                 rank, status, value = q.get(timeout=timeout_s)
-                results[rank] = (status, value)
+                results[rank] = (status, pickle.loads(value) if status == "ok" else value)
         finally:
             for p in procs:
                 p.join(timeout=10)

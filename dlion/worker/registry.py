@@ -97,6 +97,7 @@ OPTIMIZERS: dict[str, Builder] = {
     "lion-global": _global(Lion),
 }
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
+DEFAULT_BETAS: dict[str, tuple[float, float]] = {"adamw-global": (0.9, 0.999)}
 
 
 def build_optimizer(
@@ -105,13 +106,19 @@ def build_optimizer(
     *,
     lr: float,
     weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.99),
+    betas: tuple[float, float] | None = None,
     process_group: dist.ProcessGroup | None = None,
     seed: int = 0,
 ) -> Any:
-    """The optimizer called ``name``; every one has ``.ledger``."""
+    """The optimizer called ``name``; every one has ``.ledger``.
+
+    ``betas=None`` takes each optimizer's own default: (0.9, 0.99) for the Lion family,
+    (0.9, 0.999) for AdamW.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    if betas is None:
+        betas = DEFAULT_BETAS.get(name, (0.9, 0.99))
     return OPTIMIZERS[name](
         params, lr=lr, weight_decay=weight_decay, betas=betas, process_group=process_group, seed=seed
     )

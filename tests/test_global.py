@@ -1,0 +1,86 @@
+"""The fp32 all-reduce baseline against a single-process reference, and forced comm at N=1."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import dlion
+from dlion.worker.registry import build_optimizer
+from multiproc import run_ok
+
+SHAPES = [(5, 3), (7,), (2, 2, 2)]
+
+
+def _grads(step: int, rank: int) -> list[torch.Tensor]:
+    rng = np.random.default_rng([step, rank])
+    return [torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in SHAPES]
+
+
+def _params() -> list[torch.nn.Parameter]:
+    rng = np.random.default_rng(99)
+    return [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s).astype(np.float32))) for s in SHAPES]
+
+
+def _global_run(rank: int, world: int, name: str) -> dict[str, object]:
+    params = _params()
+    opt = build_optimizer(name, params, lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        for p, g in zip(params, _grads(step, rank), strict=True):
+            p.grad = g
+        opt.step()
+    return {"params": [p.detach().clone() for p in params], "ledger": opt.ledger.summary()}
+
+
+def _reference(name: str, world: int) -> list[torch.Tensor]:
+    params = _params()
+    inner = torch.optim.AdamW if name == "adamw-global" else dlion.Lion
+    opt = inner(params, lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        for i, p in enumerate(params):
+            # Two ranks: (a + b) / 2 has one rounding whatever the reduction order.
+            p.grad = sum(_grads(step, r)[i] for r in range(world)) / world  # type: ignore[assignment]
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def test_global_baselines_match_single_process() -> None:
+    for name in ("adamw-global", "lion-global"):
+        results = run_ok(_global_run, 2, name=name)
+        expect = _reference(name, 2)
+        numel = sum(int(np.prod(s)) for s in SHAPES)
+        padded = -(-numel // 2) * 2
+        for res in results:
+            for a, b in zip(res["params"], expect, strict=True):  # type: ignore[call-overload]
+                assert torch.equal(a, b), name
+            led = res["ledger"]
+            meta_bits = 8 * (4 + 1)  # bad index + presence bits of 3 tensors, one per peer
+            assert led["bytes_sent"] * 8 == 3 * (2 * (2 - 1) * 32 * padded // 2 + meta_bits)
+            assert led["bits_per_param_up"] > 32  # ring all-reduce of fp32 is ~2(N-1)/N * 32 bits
+
+
+def _forced(rank: int, world: int) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(20, 6)
+    opt = dlion.DistributedLion(model.parameters(), lr=1e-2, weight_decay=0.1, force_comm=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(5, 20, generator=gen)).pow(2).sum().backward()
+        opt.step()
+    assert len(opt.ledger.steps) == 4
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_forced_comm_at_world_size_one_equals_lion() -> None:
+    (got,) = run_ok(_forced, 1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(20, 6)
+    opt = dlion.Lion(model.parameters(), lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(5, 20, generator=gen)).pow(2).sum().backward()
+        opt.step()
+    for a, b in zip(got, model.parameters(), strict=True):
+        assert torch.equal(a, b)
