@@ -1,5 +1,11 @@
 """dlion: Distributed Lion, communication-efficient distributed training with 1-bit updates."""
 
+import os
+
+# Numba's OpenMP threads otherwise spin after every parallel kernel, costing milliseconds
+# per call when ranks share cores. Effective when dlion is imported before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 from dlion.worker.distributed_lion import DistributedLion, NonFiniteGradientError
 from dlion.worker.global_opt import GlobalOptimizer
 from dlion.worker.lion import Lion, lion_update

@@ -28,10 +28,23 @@ def _coin(key, j):  # key: uint64, j: int -> uint8, the top byte of splitmix64(k
 
 
 @njit(parallel=True, cache=True)
-def coin_bytes(key, start, nbytes):  # key: uint64, start/nbytes: int -> uint8[nbytes]
-    out = np.empty(nbytes, np.uint8)
-    for j in prange(nbytes):
+def _coin_bytes(key, start, out):  # key: uint64, start: int, out: uint8[n]
+    for j in prange(out.size):
         out[j] = _coin(key, start + j)
+
+
+def _key(key: int | np.integer) -> np.uint64:
+    # Always uint64: Numba would type a small Python int as int64 (arithmetic shifts)
+    # and reject one >= 2**63 once that int64 signature exists.
+    return np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF)
+
+
+def coin_bytes(key: int | np.integer, start: int, nbytes: int) -> np.ndarray:
+    """uint8[nbytes]: byte j is the top byte of splitmix64(key + start + j)."""
+    if nbytes < 0 or start < 0:
+        raise ValueError(f"start and nbytes must be >= 0, got start={start}, nbytes={nbytes}")
+    out = np.empty(nbytes, np.uint8)
+    _coin_bytes(_key(key), start, out)
     return out
 
 
@@ -58,9 +71,8 @@ def _chunk_bounds(c, n):
 
 
 @njit(parallel=True, cache=True)
-def pack_signs(x):  # x: float32[n] -> uint8[ceil(n/8)]
+def _pack_signs(x, out):  # x: float32[n], out: uint8[ceil(n/8)]
     n = x.size
-    out = np.empty((n + 7) // 8, np.uint8)
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo, hi, nb = _chunk_bounds(c, n)
         flags64 = np.zeros(nb, np.uint64)
@@ -69,12 +81,11 @@ def pack_signs(x):  # x: float32[n] -> uint8[ceil(n/8)]
         for k in range(hi - lo):
             flags[k] = xs[k] > 0
         _gather_bits(flags64, out[lo // 8 : lo // 8 + nb], nb)
-    return out
 
 
 @njit(parallel=True, cache=True)
-def unpack_signs(bits, n):  # bits: uint8[>= ceil(n/8)], n: int -> float32[n] of +-1
-    out = np.empty(n, np.float32)
+def _unpack_signs(bits, out):  # bits: uint8[>= ceil(n/8)], out: float32[n] <- +-1
+    n = out.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo, hi, nb = _chunk_bounds(c, n)
         codes64 = np.zeros(nb, np.uint64)
@@ -83,17 +94,45 @@ def unpack_signs(bits, n):  # bits: uint8[>= ceil(n/8)], n: int -> float32[n] of
         os = out[lo:hi]
         for k in range(hi - lo):
             os[k] = np.float32(np.int32(codes[k]) * 2 - 1)
+
+
+# Outputs are allocated by NumPy in the wrappers: large Numba (NRT) allocations fault in
+# every 4 KiB page, NumPy's use huge pages.
+
+
+def _check_1d(name: str, a: np.ndarray, dtype: type | None = None) -> None:
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if dtype is not None and a.dtype != dtype:
+        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+
+
+def pack_signs(x: np.ndarray) -> np.ndarray:
+    """float32[n] -> uint8[ceil(n/8)]: bit 1 where x > 0, zero-padded."""
+    _check_1d("x", x)
+    out = np.empty((x.size + 7) // 8, np.uint8)
+    _pack_signs(x, out)
+    return out
+
+
+def unpack_signs(bits: np.ndarray, n: int) -> np.ndarray:
+    """uint8[>= ceil(n/8)] -> float32[n] of +1 (bit 1) and -1 (bit 0)."""
+    _check_1d("bits", bits, np.uint8)
+    if not 0 <= n <= 8 * bits.size:
+        raise ValueError(f"n must be in [0, {8 * bits.size}] for {bits.size} bytes, got {n}")
+    out = np.empty(n, np.float32)
+    _unpack_signs(bits, out)
     return out
 
 
 @njit(parallel=True, cache=True)
-def lion_sign_step(grad, exp_avg, out, beta1, beta2, zero_key):
+def _lion_sign_step(grad, exp_avg, out, beta1, beta2, zero_key):
     # grad: float32[n] (any stride), exp_avg: float32[n] (updated in place),
     # out: uint8[>= ceil(n/8)] (receives the packed signs), zero_key: uint64
     n = grad.size
     b1, omb1 = np.float32(beta1), np.float32(1.0 - beta1)
     b2, omb2 = np.float32(beta2), np.float32(1.0 - beta2)
-    key = np.uint64(zero_key)
+    key = zero_key
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo, hi, nb = _chunk_bounds(c, n)
         pos64 = np.zeros(nb, np.uint64)
@@ -141,21 +180,17 @@ def _accumulate(packed, planes, w0, w1):
 
 
 @njit(parallel=True, cache=True)
-def _count_planes(packed, n_planes):  # packed: uint[N, W] -> uint[B, W]
+def _count_planes(packed, planes):  # packed: uint[N, W], planes: uint[B, W] zeroed
     n_words = packed.shape[1]
-    planes = np.zeros((n_planes, n_words), packed.dtype)
     for blk in prange((n_words + _BLOCK - 1) // _BLOCK):
         w0 = blk * _BLOCK
         _accumulate(packed, planes, w0, min(w0 + _BLOCK, n_words))
-    return planes
 
 
 @njit(parallel=True, cache=True)
-def _majority(packed, n_planes):  # packed: uint[N, W] -> (win, tie): uint[W] each
+def _majority(packed, n_planes, win, tie):  # packed: uint[N, W] -> win, tie: uint[W]
     n_rows, n_words = packed.shape
     half = n_rows // 2
-    win = np.empty(n_words, packed.dtype)
-    tie = np.empty(n_words, packed.dtype)
     for blk in prange((n_words + _BLOCK - 1) // _BLOCK):
         w0 = blk * _BLOCK
         w1 = min(w0 + _BLOCK, n_words)
@@ -174,7 +209,6 @@ def _majority(packed, n_planes):  # packed: uint[N, W] -> (win, tie): uint[W] ea
                     eq &= ~p
             win[w0 + w] = gt
             tie[w0 + w] = eq if n_rows % 2 == 0 else packed.dtype.type(0)
-    return win, tie
 
 
 def _as_words(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,8 +227,11 @@ def count_planes(packed: np.ndarray) -> np.ndarray:
     if packed.ndim != 2:
         raise ValueError(f"packed must be 2-D (workers, bytes), got shape {packed.shape}")
     words, tail = _as_words(packed)
-    b = _n_planes(packed.shape[0])
-    return np.concatenate([_count_planes(words, b).view(np.uint8), _count_planes(tail, b)], axis=1)
+    whole = 8 * words.shape[1]
+    planes = np.zeros((_n_planes(packed.shape[0]), packed.shape[1]), np.uint8)
+    _count_planes(words, planes[:, :whole].view(np.uint64))
+    _count_planes(tail, planes[:, whole:])
+    return planes
 
 
 def majority_vote(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,13 +239,13 @@ def majority_vote(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if packed.ndim != 2 or packed.shape[0] == 0:
         raise ValueError(f"packed must be 2-D (workers >= 1, bytes), got shape {packed.shape}")
     words, tail = _as_words(packed)
+    whole = 8 * words.shape[1]
     b = _n_planes(packed.shape[0])
-    win_w, tie_w = _majority(words, b)
-    win_t, tie_t = _majority(tail, b)
-    return (
-        np.concatenate([win_w.view(np.uint8), win_t]),
-        np.concatenate([tie_w.view(np.uint8), tie_t]),
-    )
+    win = np.empty(packed.shape[1], np.uint8)
+    tie = np.empty(packed.shape[1], np.uint8)
+    _majority(words, b, win[:whole].view(np.uint64), tie[:whole].view(np.uint64))
+    _majority(tail, b, win[whole:], tie[whole:])
+    return win, tie
 
 
 def _spread_table():
@@ -243,7 +280,7 @@ def _spread_planes(planes, byte0, nb):
 
 
 @njit(parallel=True, cache=True)
-def apply_update(param, planes, table, lr, weight_decay):
+def _apply_update(param, planes, table, lr, weight_decay):
     # param: float32[n] (updated in place), planes: uint8[B, >= ceil(n/8)],
     # table: float32[2^B]: param <- param*(1 - lr*wd) - lr*table[code]
     n = param.size
@@ -268,3 +305,44 @@ def _any_nonfinite(x):  # x: float[n] -> number of non-finite entries
 
 def all_finite(x: np.ndarray) -> bool:
     return x.size == 0 or _any_nonfinite(x) == 0
+
+
+def lion_sign_step(
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    out: np.ndarray,
+    beta1: float,
+    beta2: float,
+    zero_key: int | np.integer,
+) -> None:
+    """Fused worker step; see ``lion_sign_step_ref``.
+
+    grad: float32[n] (any stride); exp_avg: float32[n], updated in place;
+    out: uint8[>= ceil(n/8)] receives the packed signs of c = b1*m + (1-b1)*g.
+    """
+    _check_1d("grad", grad, np.float32)
+    _check_1d("exp_avg", exp_avg, np.float32)
+    _check_1d("out", out, np.uint8)
+    if exp_avg.size != grad.size or out.size < (grad.size + 7) // 8:
+        raise ValueError(
+            f"size mismatch: grad {grad.size}, exp_avg {exp_avg.size}, out {out.size} bytes "
+            f"(need exp_avg == grad and out >= {(grad.size + 7) // 8})"
+        )
+    _lion_sign_step(grad, exp_avg, out, float(beta1), float(beta2), _key(zero_key))
+
+
+def apply_update(
+    param: np.ndarray, planes: np.ndarray, table: np.ndarray, lr: float, weight_decay: float
+) -> None:
+    """param[k] <- param[k]*(1 - lr*wd) - lr*table[code_k]; see ``apply_update_ref``.
+
+    param: float32[n], updated in place; planes: uint8[B, >= ceil(n/8)]; table: [2^B].
+    """
+    _check_1d("param", param, np.float32)
+    if planes.ndim != 2 or planes.dtype != np.uint8 or planes.shape[1] < (param.size + 7) // 8:
+        raise ValueError(
+            f"planes must be uint8[B, >= {(param.size + 7) // 8}], got {planes.dtype}{planes.shape}"
+        )
+    if not 1 <= planes.shape[0] <= 8 or table.shape != (1 << planes.shape[0],):
+        raise ValueError(f"table must have 2^B entries for B = {planes.shape[0]} planes, got {table.shape}")
+    _apply_update(param, planes, table, float(lr), float(weight_decay))

@@ -1,0 +1,1 @@
+"""Benchmarks for dlion's kernels and collectives."""
