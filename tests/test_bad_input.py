@@ -6,9 +6,10 @@ import re
 
 import pytest
 import torch
-from multiproc import run_ranks
 
 import dlion
+
+from multiproc import run_ranks
 
 
 @pytest.mark.parametrize(

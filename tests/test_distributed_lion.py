@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from multiproc import run_ok
 from sim import Group, simulate
 

@@ -8,6 +8,7 @@ from datetime import timedelta
 import torch
 
 import dlion
+
 from multiproc import run_ranks
 
 

@@ -7,6 +7,7 @@ import torch
 
 import dlion
 from dlion.worker.registry import build_optimizer
+
 from multiproc import run_ok
 
 SHAPES = [(5, 3), (7,), (2, 2, 2)]

@@ -1,0 +1,64 @@
+"""The ``dlion`` command.
+
+    dlion train --workers N --optimizer NAME [--steps ...] [--out DIR] [train flags]
+
+``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from dlion.launch.local import launch_local
+from dlion.train.config import add_train_arguments, config_from_args
+from dlion.train.loop import LOCAL_OPTIMIZERS
+
+DEFAULT_WORKERS = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its ``train`` subparser (which reports train's errors)."""
+    parser = argparse.ArgumentParser(
+        prog="dlion", description="Distributed Lion: 1-bit distributed training."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train a byte-level transformer on N local workers",
+        description="Train a byte-level transformer on the Python standard library with N local workers "
+        "joined by a Gloo process group; writes OUT/report.json.",
+    )
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"local worker processes (default: 1 for {', '.join(sorted(LOCAL_OPTIMIZERS))}, "
+        f"else {DEFAULT_WORKERS})",
+    )
+    add_train_arguments(train)
+    return parser, train
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, train = _parsers()
+    args = parser.parse_args(argv)
+    workers = args.workers
+    if workers is None:
+        workers = 1 if args.optimizer in LOCAL_OPTIMIZERS else DEFAULT_WORKERS
+    if workers < 1:
+        train.error(f"--workers must be >= 1, got {workers}")
+    if args.optimizer in LOCAL_OPTIMIZERS and workers != 1:
+        train.error(
+            f"optimizer {args.optimizer!r} is single-process and needs --workers 1, got --workers {workers}; "
+            "use lion-global or dlion-mavo for several workers"
+        )
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        train.error(str(e))
+    return launch_local(workers, cfg.to_argv())

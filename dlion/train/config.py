@@ -1,0 +1,187 @@
+"""Arguments of the training job: one frozen config, its parser, and its argv form.
+
+The launcher hands each worker ``TrainConfig.to_argv()``: every value explicit, with
+per-optimizer defaults already resolved, so all ranks and the report agree on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from dlion.worker.registry import OPTIMIZER_NAMES
+
+# Picked by sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best at
+# 3e-4..1e-3 after 200 steps and at 5e-4 after 400; adamw-global over 1e-3..1e-2 at 1e-3..3e-3.
+# Sign updates move every coordinate by lr, so Lion wants a smaller lr than AdamW and a
+# larger weight decay to keep lr * weight_decay comparable.
+_LION_LR, _ADAMW_LR = 5e-4, 2e-3
+DEFAULT_LR: dict[str, float] = {
+    "lion": _LION_LR,
+    "dlion-mavo": _LION_LR,
+    "dlion-avg": _LION_LR,
+    "lion-global": _LION_LR,
+    "adamw-global": _ADAMW_LR,
+}
+DEFAULT_WEIGHT_DECAY: dict[str, float] = {
+    "lion": 0.3,
+    "dlion-mavo": 0.3,
+    "dlion-avg": 0.3,
+    "lion-global": 0.3,
+    "adamw-global": 0.1,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. ``out`` None means ``runs/<optimizer>-w<world size>``."""
+
+    optimizer: str = "dlion-mavo"
+    steps: int = 400
+    batch_size: int = 16
+    context: int = 128
+    lr: float = DEFAULT_LR["dlion-mavo"]
+    weight_decay: float = DEFAULT_WEIGHT_DECAY["dlion-mavo"]
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 40
+    min_lr_ratio: float = 0.1
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+    data_bytes: int = 4_000_000
+    timeout_s: float = 120.0
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}; got {self.optimizer!r}")
+        for name in (
+            "steps",
+            "batch_size",
+            "context",
+            "eval_every",
+            "eval_batches",
+            "d_model",
+            "layers",
+            "heads",
+        ):
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("warmup_steps", self.warmup_steps, low=0)
+        _check_int("seed", self.seed, low=0)
+        _check_int("data_bytes", self.data_bytes, low=1024)
+        for name in ("lr", "weight_decay", "timeout_s"):
+            _check_float(name, getattr(self, name), low=0.0, low_open=name != "weight_decay")
+        for name in ("beta1", "beta2"):
+            _check_float(name, getattr(self, name), low=0.0, high=1.0)
+        _check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, high_open=False)
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+
+    def to_argv(self) -> list[str]:
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                argv += [f"--{f.name.replace('_', '-')}", str(value)]
+        return argv
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_int(name: str, value: object, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_float(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> None:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        lo = f"{'(' if low_open else '['}{low:g}"
+        hi = f"{high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job's flags; shared by ``python -m dlion.train`` and ``dlion train``."""
+    d = TrainConfig()
+    a = parser.add_argument
+    a("--optimizer", choices=OPTIMIZER_NAMES, default=d.optimizer, help="default: %(default)s")
+    a("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    a("--batch-size", type=int, default=d.batch_size, help="windows per rank per step (default: %(default)s)")
+    a("--context", type=int, default=d.context, help="bytes per window (default: %(default)s)")
+    a("--lr", type=float, default=None, help=f"peak learning rate (default per optimizer: {DEFAULT_LR})")
+    a("--weight-decay", type=float, default=None, help=f"(default per optimizer: {DEFAULT_WEIGHT_DECAY})")
+    a("--beta1", type=float, default=d.beta1, help="default: %(default)s")
+    a("--beta2", type=float, default=d.beta2, help="default: %(default)s")
+    a(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="linear warmup before the cosine decay (default: steps // 10)",
+    )
+    a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (default: %(default)s)")
+    a("--seed", type=int, default=d.seed, help="model init and batch order (default: %(default)s)")
+    a("--eval-every", type=int, default=d.eval_every, help="steps between validation (default: %(default)s)")
+    a(
+        "--eval-batches",
+        type=int,
+        default=d.eval_batches,
+        help="fixed validation batches (default: %(default)s)",
+    )
+    a("--d-model", type=int, default=d.d_model, help="default: %(default)s")
+    a("--layers", type=int, default=d.layers, help="default: %(default)s")
+    a("--heads", type=int, default=d.heads, help="default: %(default)s")
+    a("--data-bytes", type=int, default=d.data_bytes, help="corpus size cap in bytes (default: %(default)s)")
+    a(
+        "--timeout-s",
+        type=float,
+        default=d.timeout_s,
+        help="bound on every collective wait (default: %(default)s)",
+    )
+    a("--out", default=None, help="report directory (default: runs/<optimizer>-w<world size>)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolve per-optimizer defaults; raises ValueError naming a bad value."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    if values["lr"] is None:
+        values["lr"] = DEFAULT_LR[args.optimizer]
+    if values["weight_decay"] is None:
+        values["weight_decay"] = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    if values["warmup_steps"] is None:
+        steps = values["steps"]
+        values["warmup_steps"] = steps // 10 if isinstance(steps, int) else 0
+    return TrainConfig(**values)
+
+
+def parse_config(argv: Sequence[str] | None = None, *, prog: str = "python -m dlion.train") -> TrainConfig:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a byte-level transformer with dlion.")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    raise AssertionError("unreachable: parser.error exits")

@@ -1,0 +1,169 @@
+"""Process-group set-up for the training job, and the few collectives it makes itself.
+
+Rank and world size come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE). ``dlion train`` sets the same ones and adds DLION_INIT_METHOD, a
+``file://`` rendezvous in a fresh temporary folder: no port has to be picked, so two
+jobs on one machine cannot race for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numba
+import torch
+import torch.distributed as dist
+
+INIT_METHOD_ENV = "DLION_INIT_METHOD"
+# Where a worker writes why it failed, so the launcher can name the rank that failed
+# first rather than the ones that failed after it, on a broken connection.
+ERROR_FILE_ENV = "DLION_ERROR_FILE"
+
+# The file store of a world of one; FileStore reopens its file by path, so the folder
+# must outlive the process group.
+_scratch: tempfile.TemporaryDirectory[str] | None = None
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job; ``initialized`` is False for plain one-process runs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None
+    initialized: bool
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def set_thread_counts(local_world_size: int) -> int:
+    """Split this machine's cores between its ranks, so N workers do not oversubscribe them."""
+    threads = max(1, cpu_count() // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    # NUMBA_NUM_THREADS is fixed at import; one can only go below it.
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    return threads
+
+
+def setup(*, needs_group: bool, timeout_s: float) -> DistContext:
+    """Join the job's process group, or start a world of one when the optimizer needs one.
+
+    ``needs_group`` is False only for purely local optimizers, which refuse a world size > 1.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
+    if not needs_group and world_size > 1:
+        raise ValueError(f"runs on one process only, but WORLD_SIZE={world_size}")
+    use_cuda = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not needs_group:
+        return DistContext(rank, 1, local_rank, local_world_size, device, None, False)
+    backend = "nccl" if use_cuda else "gloo"
+    init_method = os.environ.get(INIT_METHOD_ENV)
+    if init_method is None and "MASTER_ADDR" in os.environ:
+        init_method = "env://"
+    if init_method is None:
+        if world_size > 1:
+            # Waiting for peers that were never told where to meet would only time out.
+            raise ValueError(
+                f"WORLD_SIZE={world_size} but neither MASTER_ADDR (torchrun) nor {INIT_METHOD_ENV} "
+                "says where the ranks meet; launch with `dlion train --workers N` or torchrun"
+            )
+        # A lone `python -m dlion.train` with a distributed optimizer: a world of one,
+        # all on this host, so the loopback interface is the right one for Gloo.
+        global _scratch
+        _scratch = tempfile.TemporaryDirectory(prefix="dlion-store-")
+        init_method = Path(_scratch.name, "store").as_uri()
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return DistContext(rank, world_size, local_rank, local_world_size, device, backend, True)
+
+
+def record_failure(exc: BaseException) -> None:
+    """Write the failure's time and message to $DLION_ERROR_FILE, when the launcher set one."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path is None:
+        return
+    if isinstance(exc, SystemExit):
+        message = exc.code if isinstance(exc.code, str) else f"exit status {exc.code}"
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    Path(path).write_text(json.dumps({"time": time.time(), "error": message}))
+
+
+def teardown(ctx: DistContext) -> None:
+    global _scratch
+    if ctx.initialized and dist.is_initialized():
+        dist.destroy_process_group()
+    if _scratch is not None:
+        _scratch.cleanup()
+        _scratch = None
+
+
+def all_gather_rows(ctx: DistContext, row: torch.Tensor) -> torch.Tensor:
+    """(k,) on each rank -> (world, k) on every rank; the row's length must match across ranks."""
+    if not ctx.initialized:
+        return row.unsqueeze(0)
+    # NCCL only moves device tensors; Gloo takes CPU ones.
+    local = row.to(ctx.device) if ctx.backend == "nccl" else row
+    out = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(out, local.contiguous())
+    return torch.stack(out).cpu()
+
+
+def param_checksum(params: Iterable[torch.Tensor]) -> tuple[float, bytes]:
+    """A float64 sum and a SHA-256 of the raw bytes: the sum reads well, the hash catches a 1-ulp drift."""
+    h = hashlib.sha256()
+    total = 0.0
+    for p in params:
+        cpu = p.detach().cpu().contiguous().reshape(-1)
+        total += float(cpu.double().sum())
+        h.update(cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b"")
+    return total, h.digest()
+
+
+def params_identical(ctx: DistContext, params: Iterable[torch.Tensor]) -> tuple[bool, list[float]]:
+    """Whether every rank holds the same parameter bytes, and each rank's float64 sum."""
+    total, digest = param_checksum(params)
+    sums = all_gather_rows(ctx, torch.tensor([total], dtype=torch.float64))[:, 0].tolist()
+    digests = all_gather_rows(ctx, torch.frombuffer(bytearray(digest), dtype=torch.uint8))
+    same = bool((digests == digests[0]).all())
+    return same, sums

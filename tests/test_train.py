@@ -1,0 +1,217 @@
+"""The main job end to end (launcher, workers, report) and its data and model parts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dlion.train.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, parse_config
+from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
+from dlion.train.loop import FAULT_RANK_ENV, warmup_cosine
+from dlion.train.model import ByteGPT, ModelConfig
+from dlion.worker.registry import OPTIMIZER_NAMES
+
+TINY = [
+    "--steps", "5", "--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32",
+    "--batch-size", "4", "--data-bytes", "200000", "--eval-every", "2", "--eval-batches", "2",
+    "--timeout-s", "60",
+]  # fmt: skip
+JOB_TIMEOUT_S = 90
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env={**os.environ, **(env or {})}
+    )
+
+
+def _train(tmp_path: Path, workers: int, optimizer: str) -> dict[str, Any]:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dlion", "train", "--workers", str(workers), "--optimizer", optimizer]
+    proc = _run([*cmd, *TINY, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return report
+
+
+def _check_common(report: dict[str, Any], workers: int, optimizer: str) -> None:
+    cfg = report["config"]
+    assert cfg["optimizer"] == optimizer and cfg["world_size"] == workers and cfg["steps"] == 5
+    assert cfg["torch_version"] == torch.__version__ and cfg["dlion_version"]
+    assert len(report["train_loss"]) == 5 and all(math.isfinite(v) for v in report["train_loss"])
+    assert [s for s, _ in report["val_loss"]] == [0, 2, 4, 5]
+    assert report["final_val_loss"] == report["val_loss"][-1][1] and math.isfinite(report["final_val_loss"])
+    assert report["params_identical_across_ranks"] is True
+    assert len(set(report["param_sum_by_rank"])) == 1
+    assert len(report["ledger_by_rank"]) == workers and report["ledger"] == report["ledger_by_rank"][0]
+    assert report["n_params"] == report["ledger"]["n_params"] > 0
+    assert len(report["step_time_s"]) == 5 and report["wall_time_s"] >= report["train_time_s"] > 0
+
+
+def _check_bytes(report: dict[str, Any]) -> None:
+    steps = report["step_bytes"]
+    assert len(steps) == 5 and all(sent > 0 and received > 0 for sent, received in steps)
+    # The first step also exchanges a parameter fingerprint; after it every step is alike.
+    assert all(s == steps[1] for s in steps[1:]) and steps[0][0] >= steps[1][0]
+    ledger = report["ledger"]
+    assert ledger["steps"] == 5 and ledger["bytes_sent"] == sum(s for s, _ in steps)
+    assert all(r["bytes_sent"] == ledger["bytes_sent"] for r in report["ledger_by_rank"])
+
+
+def test_dlion_mavo_two_workers(tmp_path: Path) -> None:
+    report = _train(tmp_path, 2, "dlion-mavo")
+    _check_common(report, 2, "dlion-mavo")
+    _check_bytes(report)
+    # Two ranks all-gather 1-bit signs: about one bit per parameter each way.
+    assert 1.0 <= report["ledger"]["bits_per_param_up"] < 1.1
+
+
+def test_adamw_global_two_workers(tmp_path: Path) -> None:
+    report = _train(tmp_path, 2, "adamw-global")
+    _check_common(report, 2, "adamw-global")
+    _check_bytes(report)
+    # fp32 ring all-reduce with N = 2 sends 2 (N-1)/N * 32 = 32 bits per parameter.
+    assert report["ledger"]["bits_per_param_up"] >= 32.0
+
+
+def test_lion_one_worker(tmp_path: Path) -> None:
+    report = _train(tmp_path, 1, "lion")
+    _check_common(report, 1, "lion")
+    assert report["config"]["backend"] is None  # no process group at all
+    assert report["step_bytes"] == [] and report["ledger"]["bytes_sent"] == 0
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_entry_point(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dlion.train",
+        "--optimizer",
+        "dlion-avg",
+    ]
+    proc = _run([*cmd, *TINY, "--out", str(out)], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    _check_common(report, 2, "dlion-avg")
+    _check_bytes(report)
+
+
+def test_failing_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dlion", "train", "--workers", "2", "--optimizer", "dlion-mavo"]
+    started = time.monotonic()
+    proc = _run([*cmd, *TINY, "--out", str(out)], env={FAULT_RANK_ENV: "1"})
+    assert proc.returncode != 0
+    assert "worker rank 1 failed with exit code 1" in proc.stderr
+    assert "injected fault on rank 1" in proc.stderr
+    assert time.monotonic() - started < 60  # well inside the 60 s collective timeout + start-up
+    assert not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizer", "lion", "--workers", "2"], "needs --workers 1"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--steps", "0"], "steps must be an int >= 1, got 0"),
+        (["--d-model", "30", "--heads", "4"], "d_model=30 must be divisible by heads=4"),
+        (["--lr", "nan"], "lr must be a finite number"),
+    ],
+)
+def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:
+    proc = _run([sys.executable, "-m", "dlion", "train", *args])
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "message"),
+    [
+        ("lion", "optimizer 'lion' runs on one process only, but WORLD_SIZE=2"),
+        ("dlion-mavo", "neither MASTER_ADDR"),
+    ],
+)
+def test_worker_refuses_a_world_it_cannot_join(optimizer: str, message: str) -> None:
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "", "DLION_INIT_METHOD": ""}
+    env = {k: v for k, v in {**os.environ, **env}.items() if v}  # unset the empty ones
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlion.train", "--optimizer", optimizer, *TINY],
+        capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1 and message in proc.stderr
+
+
+def test_config_defaults_resolve_per_optimizer() -> None:
+    adam = parse_config(["--optimizer", "adamw-global", "--steps", "50"])
+    lion = parse_config(["--optimizer", "lion", "--lr", "2e-4"])
+    assert adam.lr != lion.lr == 2e-4 and adam.warmup_steps == 5
+    # Round trip through the argv the launcher hands to its workers.
+    assert parse_config(adam.to_argv()) == adam
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="sgd")
+    assert set(DEFAULT_LR) == set(DEFAULT_WEIGHT_DECAY) == set(OPTIMIZER_NAMES)
+
+
+def test_data_split_is_deterministic_and_disjoint() -> None:
+    cfg = CorpusConfig(max_bytes=300_000)
+    a, b = load_corpus(cfg), load_corpus(cfg)
+    assert a.train_files == b.train_files and a.val_files == b.val_files and a.sha256 == b.sha256
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert a.val_files and not set(a.train_files) & set(a.val_files)
+    assert a.train.numel() + a.val.numel() == 300_000
+    other = load_corpus(CorpusConfig(max_bytes=300_000, split_seed=1))
+    assert other.sha256 != a.sha256
+
+
+def test_batches_are_seeded_per_rank() -> None:
+    data = load_corpus(CorpusConfig(max_bytes=100_000)).train
+
+    def draw(seed: int, rank: int) -> torch.Tensor:
+        return BatchSampler(data, batch_size=3, context=16, seed=seed, rank=rank).next()[0]
+
+    x, y = BatchSampler(data, batch_size=3, context=16, seed=0, rank=0).next()
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one byte
+    assert torch.equal(draw(0, 0), draw(0, 0))
+    assert not torch.equal(draw(0, 0), draw(0, 1)) and not torch.equal(draw(0, 0), draw(1, 0))
+    batches = eval_batches(data, batch_size=4, context=16, n_batches=3)
+    assert len(batches) == 3 and all(xb.shape == (4, 16) for xb, _ in batches)
+
+
+def test_model_shapes_and_seeded_init() -> None:
+    cfg = ModelConfig(context=16, d_model=32, layers=2, heads=4)
+    model = ByteGPT(cfg, seed=3)
+    idx = torch.randint(0, 256, (2, 16))
+    assert model(idx).shape == (2, 16, 256) and model(idx[:, :5]).shape == (2, 5, 256)
+    loss = model.loss(idx, idx)
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    # Near uniform at init: ln 256 = 5.55 nats.
+    assert abs(loss.item() - math.log(256)) < 0.5
+    same, other = ByteGPT(cfg, seed=3), ByteGPT(cfg, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), same.parameters(), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters(), strict=True))
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="heads=3"):
+        ModelConfig(d_model=32, heads=3)
+
+
+def test_warmup_cosine_schedule() -> None:
+    f = warmup_cosine(4, 20, 0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 30))
