@@ -6,17 +6,31 @@ A table of builders, not an if/elif chain: adding a baseline is adding a row.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dlion.server.ledger import Ledger
+from dlion.worker.config import Vote
 from dlion.worker.distributed_lion import DistributedLion
 from dlion.worker.global_opt import GlobalOptimizer
 from dlion.worker.lion import Lion
 
-Builder = Callable[..., Any]
+
+@dataclass(frozen=True, kw_only=True)
+class BuildArgs:
+    """What every builder receives besides the parameters."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    process_group: dist.ProcessGroup | None = None
+    seed: int = 0
+
+
+Builder = Callable[[Iterable[Any], BuildArgs], Any]
 
 
 class LocalOptimizer:
@@ -33,58 +47,33 @@ class LocalOptimizer:
         return self.inner.step(closure)
 
 
-def _lion(
-    params: Iterable[Any],
-    *,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    process_group: dist.ProcessGroup | None,
-    seed: int,
-) -> Any:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+def _lion(params: Iterable[Any], a: BuildArgs) -> Any:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(a.process_group) > 1:
         raise ValueError(
             "optimizer 'lion' is single-process; use 'lion-global' or 'dlion-mavo' with N workers"
         )
-    return LocalOptimizer(Lion(params, lr=lr, betas=betas, weight_decay=weight_decay))
+    return LocalOptimizer(Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay))
 
 
-def _dlion(vote: str) -> Builder:
-    def build(
-        params: Iterable[Any],
-        *,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float],
-        process_group: dist.ProcessGroup | None,
-        seed: int,
-    ) -> Any:
+def _dlion(vote: Vote) -> Builder:
+    def build(params: Iterable[Any], a: BuildArgs) -> Any:
         return DistributedLion(
             params,
-            lr=lr,
-            betas=betas,
-            weight_decay=weight_decay,
-            vote=vote,  # type: ignore[arg-type]
-            process_group=process_group,
-            seed=seed,
+            lr=a.lr,
+            betas=a.betas,
+            weight_decay=a.weight_decay,
+            vote=vote,
+            process_group=a.process_group,
+            seed=a.seed,
         )
 
     return build
 
 
 def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
-    def build(
-        params: Iterable[Any],
-        *,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float],
-        process_group: dist.ProcessGroup | None,
-        seed: int,
-    ) -> Any:
-        return GlobalOptimizer(
-            make_inner(params, lr=lr, betas=betas, weight_decay=weight_decay), process_group
-        )
+    def build(params: Iterable[Any], a: BuildArgs) -> Any:
+        inner = make_inner(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
+        return GlobalOptimizer(inner, a.process_group)
 
     return build
 
@@ -119,6 +108,5 @@ def build_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
     if betas is None:
         betas = DEFAULT_BETAS.get(name, (0.9, 0.99))
-    return OPTIMIZERS[name](
-        params, lr=lr, weight_decay=weight_decay, betas=betas, process_group=process_group, seed=seed
-    )
+    args = BuildArgs(lr=lr, weight_decay=weight_decay, betas=betas, process_group=process_group, seed=seed)
+    return OPTIMIZERS[name](params, args)
