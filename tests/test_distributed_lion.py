@@ -44,14 +44,18 @@ def init_params() -> list[np.ndarray]:
 GROUPS = [Group([0, 1, 2, 3], lr=0.01, weight_decay=0.1), Group([4, 5, 6], lr=0.003, weight_decay=0.0)]
 
 
-def _train(rank: int, world: int, vote: str, tie: str, seed: int) -> dict[str, object]:
+def _train(
+    rank: int, world: int, vote: str, tie: str, seed: int, backend: str = "allgather"
+) -> dict[str, object]:
     import dlion
 
     params = [torch.nn.Parameter(torch.from_numpy(p)) for p in init_params()]
     groups = [
         {"params": [params[i] for i in g.indices], "lr": g.lr, "weight_decay": g.weight_decay} for g in GROUPS
     ]
-    opt = dlion.DistributedLion(groups, vote=vote, tie=tie, seed=seed, bucket_numel=BUCKET_NUMEL)  # type: ignore[arg-type]
+    opt = dlion.DistributedLion(
+        groups, vote=vote, tie=tie, seed=seed, bucket_numel=BUCKET_NUMEL, backend=backend
+    )  # type: ignore[arg-type]
     grads = make_grads(world)
     for step in range(STEPS):
         for p, g in zip(params, grads[step][rank], strict=True):
@@ -82,17 +86,17 @@ CASES = [
 ]
 
 
-def _run_cases(rank: int, world: int, cases: list[tuple[str, str]]) -> list[dict[str, object]]:
-    return [_train(rank, world, vote, tie, seed=7) for vote, tie in cases]
+def _run_cases(rank: int, world: int, cases: list[tuple[str, str, str]]) -> list[dict[str, object]]:
+    return [_train(rank, world, vote, tie, seed=7, backend=backend) for vote, tie, backend in cases]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_matches_numpy_simulation_bit_for_bit(world: int) -> None:
-    cases = [(v, t) for n, v, t in CASES if n == world]
+    cases = [(v, t, b) for n, v, t in CASES if n == world for b in ("allgather", "sharded")]
     results = run_ok(_run_cases, world, cases=cases)
     grads = make_grads(world)
     # Reorder the per-tensor groups the way the optimizer flattens them (group order).
-    for c, (vote, tie) in enumerate(cases):
+    for c, (vote, tie, _backend) in enumerate(cases):
         expect, moms = simulate(
             init_params(), GROUPS, grads, vote=vote, tie=tie, seed=7, bucket_numel=BUCKET_NUMEL
         )
@@ -125,7 +129,7 @@ def test_ties_and_zero_rule_differ_as_documented() -> None:
 
 def test_ledger_matches_cost_model() -> None:
     world = 3
-    results = run_ok(_run_cases, world, cases=[("majority", "random")])
+    results = run_ok(_run_cases, world, cases=[("majority", "random", "allgather")])
     from dlion.worker.buckets import plan_buckets
 
     buckets = plan_buckets([int(np.prod(s)) for s in SHAPES], BUCKET_NUMEL)
@@ -145,3 +149,25 @@ def test_ledger_matches_cost_model() -> None:
         assert led["ledger"]["bits_per_param_up"] == pytest.approx(expect_sent / STEPS / payload)
         # one collective per bucket plus the metadata exchange (and the fingerprint once)
         assert [len(s) for s in led["records"]] == [len(buckets) + 2] + [len(buckets) + 1] * (STEPS - 1)
+
+
+@pytest.mark.parametrize(
+    ("world", "vote", "tie", "planes"),
+    [(4, "majority", "random", 1), (3, "average", "random", 2), (4, "majority", "zero", 2)],
+)
+def test_sharded_ledger_matches_cost_model(world: int, vote: str, tie: str, planes: int) -> None:
+    from dlion.worker.buckets import plan_buckets
+
+    results = run_ok(_run_cases, world, cases=[(vote, tie, "sharded")])
+    buckets = plan_buckets([int(np.prod(s)) for s in SHAPES], BUCKET_NUMEL, 16 * world)
+    meta_bits = (world - 1) * 8 * (4 + (len(SHAPES) + 7) // 8)
+    bucket_bits = sum(8 * b.nbytes for b in buckets)
+    # all_to_all: (N-1)/N S up; result all_gather: (N-1)/N S per result plane.
+    per_step = (world - 1) * bucket_bits // world * (1 + planes) + meta_bits
+    fp_bits = (world - 1) * 64 * 5
+    for rank in range(world):
+        led = results[rank][0]["ledger"]
+        assert led["bytes_sent"] * 8 == STEPS * per_step + fp_bits
+        assert led["bytes_received"] == led["bytes_sent"]
+        payload = led["sent_bytes_by_kind"]["payload"] + led["received_bytes_by_kind"]["payload"]
+        assert payload > 0

@@ -35,10 +35,10 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def _train(tmp_path: Path, workers: int, optimizer: str) -> dict[str, Any]:
+def _train(tmp_path: Path, workers: int, optimizer: str, *extra: str) -> dict[str, Any]:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dlion", "train", "--workers", str(workers), "--optimizer", optimizer]
-    proc = _run([*cmd, *TINY, "--out", str(out)])
+    proc = _run([*cmd, *TINY, *extra, "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     return report
@@ -76,6 +76,20 @@ def test_dlion_mavo_two_workers(tmp_path: Path) -> None:
     assert 1.0 <= report["ledger"]["bits_per_param_up"] < 1.1
 
 
+def test_sharded_backend_same_result_fewer_bytes(tmp_path: Path) -> None:
+    """Three workers: sharded sends 2 (N-1)/N = 4/3 bits per parameter, not N-1 = 2, and
+    votes the same, so validation losses agree exactly with the all-gather run."""
+    sharded = _train(tmp_path / "s", 3, "dlion-mavo", "--backend", "sharded")
+    gathered = _train(tmp_path / "g", 3, "dlion-mavo", "--backend", "allgather")
+    _check_common(sharded, 3, "dlion-mavo")
+    _check_bytes(sharded)
+    assert sharded["config"]["backend"] == "sharded" and gathered["config"]["backend"] == "allgather"
+    assert sharded["val_loss"] == gathered["val_loss"]
+    assert sharded["param_sum_by_rank"] == gathered["param_sum_by_rank"]
+    assert 4 / 3 <= sharded["ledger"]["bits_per_param_up"] < 1.45
+    assert 2.0 <= gathered["ledger"]["bits_per_param_up"] < 2.1
+
+
 def test_adamw_global_two_workers(tmp_path: Path) -> None:
     report = _train(tmp_path, 2, "adamw-global")
     _check_common(report, 2, "adamw-global")
@@ -87,7 +101,7 @@ def test_adamw_global_two_workers(tmp_path: Path) -> None:
 def test_lion_one_worker(tmp_path: Path) -> None:
     report = _train(tmp_path, 1, "lion")
     _check_common(report, 1, "lion")
-    assert report["config"]["backend"] is None  # no process group at all
+    assert report["config"]["dist_backend"] is None  # no process group at all
     assert report["step_bytes"] == [] and report["ledger"]["bytes_sent"] == 0
 
 

@@ -41,11 +41,12 @@ class Combined:
     table: np.ndarray  # float32[2^B]
 
 
-def combine_majority(packed: np.ndarray, *, tie: str, tie_key: int) -> Combined:
+def combine_majority(packed: np.ndarray, *, tie: str, tie_key: int, start: int = 0) -> Combined:
     """packed: uint8[N, nbytes] of signs from N workers -> sign of their sum.
 
-    tie="random" resolves an even split with coin byte j = coin_bytes(tie_key, 0, .)[j],
-    the same on every rank; tie="zero" gives no update on an even split.
+    tie="random" resolves an even split at bucket byte ``start + j`` with coin byte
+    coin_bytes(tie_key, start + j), the same on every rank and for every backend;
+    tie="zero" gives no update on an even split.
     """
     win, tied = kernels.majority_vote(packed)
     if packed.shape[0] % 2 == 1:
@@ -53,7 +54,7 @@ def combine_majority(packed: np.ndarray, *, tie: str, tie_key: int) -> Combined:
     if tie == "zero":
         return Combined(np.stack([win, tied]), TERNARY_TABLE)
     if tied.any():
-        win |= tied & kernels.coin_bytes(np.uint64(tie_key), 0, tied.size)
+        win |= tied & kernels.coin_bytes(tie_key, start, tied.size)
     return Combined(win[None, :], MAJORITY_TABLE)
 
 
@@ -62,7 +63,8 @@ def combine_average(packed: np.ndarray) -> Combined:
     return Combined(kernels.count_planes(packed), average_table(packed.shape[0]))
 
 
-def combine(packed: np.ndarray, *, vote: str, tie: str, tie_key: int) -> Combined:
+def combine(packed: np.ndarray, *, vote: str, tie: str, tie_key: int, start: int = 0) -> Combined:
+    """Combine packets covering bucket bytes [start, start + nbytes)."""
     if vote == "average":
         return combine_average(packed)
-    return combine_majority(packed, tie=tie, tie_key=tie_key)
+    return combine_majority(packed, tie=tie, tie_key=tie_key, start=start)

@@ -54,6 +54,18 @@ class TorchComm:
         self._wait(work, what)
         return out
 
+    def all_to_all(self, send: torch.Tensor, what: str) -> torch.Tensor:
+        """send: [N*s], shard j for rank j -> [N, s], row r = rank r's shard for this rank."""
+        send = send.to(self.device).contiguous()
+        if send.numel() % self.world_size:
+            raise ValueError(f"{what}: {send.numel()} elements do not split into {self.world_size} shards")
+        out = torch.empty(
+            (self.world_size, send.numel() // self.world_size), dtype=send.dtype, device=self.device
+        )
+        work = dist.all_to_all_single(out.view(-1), send, group=self.group, async_op=True)
+        self._wait(work, what)
+        return out
+
     def all_reduce_sum(self, buf: torch.Tensor, what: str) -> None:
         """In-place sum over ranks."""
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from dlion.worker.config import BACKENDS
 from dlion.worker.registry import OPTIMIZER_NAMES
 
 # Picked by sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best at
@@ -57,9 +58,12 @@ class TrainConfig:
     heads: int = 4
     data_bytes: int = 4_000_000
     timeout_s: float = 120.0
+    backend: str = "allgather"
     out: str | None = None
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}; got {self.optimizer!r}")
         for name in (
@@ -129,6 +133,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--optimizer", choices=OPTIMIZER_NAMES, default=d.optimizer, help="default: %(default)s")
     a("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    a(
+        "--backend",
+        choices=BACKENDS,
+        default=d.backend,
+        help="where the dlion vote runs: every rank on all bits, or sharded (default: %(default)s)",
+    )
     a("--batch-size", type=int, default=d.batch_size, help="windows per rank per step (default: %(default)s)")
     a("--context", type=int, default=d.context, help="bytes per window (default: %(default)s)")
     a("--lr", type=float, default=None, help=f"peak learning rate (default per optimizer: {DEFAULT_LR})")

@@ -121,6 +121,7 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         weight_decay=cfg.weight_decay,
         betas=(cfg.beta1, cfg.beta2),
         seed=cfg.seed,
+        backend=cfg.backend,
     )
     sched = LambdaLR(_torch_optimizer(opt), warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     sampler = BatchSampler(

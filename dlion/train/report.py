@@ -98,7 +98,7 @@ def build_report(
         "config": {
             **rec.config,
             "world_size": rec.world_size,
-            "backend": rec.backend,
+            "dist_backend": rec.backend,
             "torch_version": torch.__version__,
             "dlion_version": dlion_version(),
             "python_version": platform.python_version(),

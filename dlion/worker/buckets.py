@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORD_BYTES = 16
+from dlion.server.topology import WORD_BYTES
 
 
 @dataclass(frozen=True)

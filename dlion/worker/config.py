@@ -10,12 +10,12 @@ from typing import Literal
 Vote = Literal["majority", "average"]
 Tie = Literal["random", "zero"]
 NonFinite = Literal["raise", "skip"]
-Backend = Literal["allgather"]
+Backend = Literal["allgather", "sharded"]
 
 VOTES: tuple[str, ...] = ("majority", "average")
 TIES: tuple[str, ...] = ("random", "zero")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
-BACKENDS: tuple[str, ...] = ("allgather",)
+BACKENDS: tuple[str, ...] = ("allgather", "sharded")
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -47,6 +47,10 @@ class DistributedLionConfig:
     """How DistributedLion communicates; per-group lr/betas/weight_decay live in param groups.
 
     vote:         "majority" (MaVo, 1-bit result) or "average" (counts of positive votes).
+    backend:      "allgather": every rank gathers all ranks' bits and votes locally,
+                  (N-1) bits per parameter each way. "sharded": all_to_all of bits, each
+                  rank votes its shard, all_gather of the results: 2 (N-1)/N bits each way
+                  under majority vote, whatever N.
     tie:          majority vote with an even number of workers can split evenly.
                   "random": a fair coin seeded by (seed, step, position), identical on all
                   ranks, keeps the result at 1 bit per parameter. "zero": no update on a

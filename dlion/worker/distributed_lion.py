@@ -13,8 +13,9 @@ import torch.distributed as dist
 
 from dlion.kernels import derive_key
 from dlion.server.comm import TorchComm, world_comm
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.server.ledger import Ledger
 from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
+from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes
 from dlion.worker.buckets import Bucket, plan_buckets
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
 from dlion.worker.lion import lion_update
@@ -44,10 +45,13 @@ class DistributedLion(torch.optim.Optimizer):
       3. Sign step (fused kernel per tensor): c = b1*m + (1-b1)*g, its sign packed to one
          bit per parameter in the tensor's flat bucket, m <- b2*m + (1-b2)*g. A c of
          exactly 0 takes a seeded fair coin (bit 1 = positive) so it adds no drift.
-      4. Exchange: one all_gather per bucket of packed bits: (N-1)/8 bytes per parameter
-         each way for this backend.
-      5. Vote on the packed words, identical on all ranks: "majority" = sign of the sum
-         (even splits by ``tie``), "average" = mean of the signs (counts of +1 votes).
+      4. Exchange per bucket, by ``backend``: "allgather" gathers every rank's bits
+         ((N-1)/8 bytes per parameter each way); "sharded" runs all_to_all, a vote of
+         this rank's shard, and an all_gather of the voted shards (2 (N-1)/N / 8 bytes
+         per parameter for a 1-bit result).
+      5. Vote on the packed words, identical on all ranks and across backends: "majority"
+         = sign of the sum (even splits by ``tie``), "average" = mean of the signs
+         (counts of +1 votes, ceil(log2(N+1)) bit planes).
       6. Apply: p <- p*(1 - lr*wd) - lr*update, with each param group's lr and wd.
 
     With world size 1 (or no process group) and ``force_comm=False``, steps 1-2 and 4-5
@@ -92,7 +96,16 @@ class DistributedLion(torch.optim.Optimizer):
                     f"DistributedLion needs floating-point parameters; {self._names[i]} is {p.dtype}"
                 )
         self._comm: TorchComm | None = world_comm(process_group, timeout)
-        self._buckets: list[Bucket] = plan_buckets([p.numel() for p, _ in self._flat], bucket_numel)
+        align = align_bytes(backend, self.world_size)
+        self._buckets: list[Bucket] = plan_buckets([p.numel() for p, _ in self._flat], bucket_numel, align)
+        self._wires = [
+            BucketWire(
+                f"bucket{k}",
+                b.nbytes,
+                tuple((8 * s.byte_offset, 8 * s.byte_offset + s.numel) for s in b.slots),
+            )
+            for k, b in enumerate(self._buckets)
+        ]
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self.steps_taken = 0  # steps that ran (skipped ones included): keys the coins
         self.skipped_steps = 0
@@ -215,16 +228,13 @@ class DistributedLion(torch.optim.Optimizer):
                         b2,
                         key,
                     )
-                # Phase 4: exchange the packed bits.
-                gathered = comm.all_gather(send, f"bucket {k} all_gather").to(send.device)
-                chunk = Traffic(payload=bucket.payload_bits, padding=bucket.padding_bits)
-                sent, received = all_gather_traffic(chunk, comm.world_size)
-                self.ledger.record(
-                    CollectiveRecord(f"bucket{k}", "all_gather", comm.world_size, sent, received)
-                )
-                # Phase 5: vote on the packed words.
+                # Phases 4-5: exchange the packed bits and vote, by the chosen topology.
                 tie_key = derive_key(cfg.seed, TIE_STREAM, self.steps_taken, k)
-                planes, table = ops.combine(gathered, vote=cfg.vote, tie=cfg.tie, tie_key=tie_key)
+
+                def combine(packets: torch.Tensor, start: int, key: int = tie_key) -> Any:
+                    return ops.combine(packets, vote=cfg.vote, tie=cfg.tie, tie_key=key, start=start)
+
+                planes, table = TOPOLOGIES[cfg.backend](comm, send, self._wires[k], combine, self.ledger)
                 # Phase 6: apply the same update on every rank.
                 for s in bucket.slots:
                     if meta.present[s.index]:

@@ -28,6 +28,7 @@ class BuildArgs:
     betas: tuple[float, float]
     process_group: dist.ProcessGroup | None = None
     seed: int = 0
+    backend: str = "allgather"  # where the dlion vote runs; dense baselines all-reduce
 
 
 Builder = Callable[[Iterable[Any], BuildArgs], Any]
@@ -65,6 +66,7 @@ def _dlion(vote: Vote) -> Builder:
             vote=vote,
             process_group=a.process_group,
             seed=a.seed,
+            backend=a.backend,
         )
 
     return build
@@ -98,6 +100,7 @@ def build_optimizer(
     betas: tuple[float, float] | None = None,
     process_group: dist.ProcessGroup | None = None,
     seed: int = 0,
+    backend: str = "allgather",
 ) -> Any:
     """The optimizer called ``name``; every one has ``.ledger``.
 
@@ -108,5 +111,7 @@ def build_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
     if betas is None:
         betas = DEFAULT_BETAS.get(name, (0.9, 0.99))
-    args = BuildArgs(lr=lr, weight_decay=weight_decay, betas=betas, process_group=process_group, seed=seed)
+    args = BuildArgs(
+        lr=lr, weight_decay=weight_decay, betas=betas, process_group=process_group, seed=seed, backend=backend
+    )
     return OPTIMIZERS[name](params, args)

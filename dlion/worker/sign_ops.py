@@ -37,9 +37,9 @@ class CpuSignOps:
         return not kernels.all_finite(grad.detach().reshape(-1).numpy())
 
     def combine(
-        self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int
+        self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        c = combine(gathered.numpy(), vote=vote, tie=tie, tie_key=tie_key)
+        c = combine(gathered.numpy(), vote=vote, tie=tie, tie_key=tie_key, start=start)
         return torch.from_numpy(c.planes), torch.from_numpy(c.table)
 
     def apply(
@@ -106,7 +106,7 @@ class TorchSignOps:
         return not bool(torch.isfinite(grad).all())
 
     def combine(
-        self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int
+        self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = gathered.shape[0]
         counts = _unpack(gathered).sum(dim=0, dtype=torch.int32)
@@ -118,7 +118,7 @@ class TorchSignOps:
         if n % 2 == 0 and tie == "zero":
             return torch.stack([win, tied]), torch.from_numpy(TERNARY_TABLE).to(dev)
         if n % 2 == 0:
-            win |= tied & _coin_bytes(tie_key, win.numel(), dev)
+            win |= tied & _coin_bytes(tie_key + start, win.numel(), dev)
         return win.unsqueeze(0), torch.from_numpy(MAJORITY_TABLE).to(dev)
 
     def apply(
