@@ -92,7 +92,7 @@ def _run_cases(rank: int, world: int, cases: list[tuple[str, str, str]]) -> list
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_matches_numpy_simulation_bit_for_bit(world: int) -> None:
-    cases = [(v, t, b) for n, v, t in CASES if n == world for b in ("allgather", "sharded")]
+    cases = [(v, t, b) for n, v, t in CASES if n == world for b in ("allgather", "sharded", "server")]
     results = run_ok(_run_cases, world, cases=cases)
     grads = make_grads(world)
     # Reorder the per-tensor groups the way the optimizer flattens them (group order).
@@ -171,3 +171,24 @@ def test_sharded_ledger_matches_cost_model(world: int, vote: str, tie: str, plan
         assert led["bytes_received"] == led["bytes_sent"]
         payload = led["sent_bytes_by_kind"]["payload"] + led["received_bytes_by_kind"]["payload"]
         assert payload > 0
+
+
+def test_server_ledger_matches_cost_model() -> None:
+    from dlion.worker.buckets import plan_buckets
+
+    world = 3
+    results = run_ok(_run_cases, world, cases=[("average", "random", "server")])
+    buckets = plan_buckets([int(np.prod(s)) for s in SHAPES], BUCKET_NUMEL)
+    bucket_bits = sum(8 * b.nbytes for b in buckets)
+    planes = 2  # counts of 0..3 votes
+    meta = (world - 1) * 8 * (4 + (len(SHAPES) + 7) // 8)
+    fp_bits = (world - 1) * 64 * 5
+    server = results[0][0]["ledger"]
+    assert server["bytes_received"] * 8 == STEPS * ((world - 1) * bucket_bits + meta) + fp_bits
+    assert server["bytes_sent"] * 8 == STEPS * ((world - 1) * planes * bucket_bits + meta) + fp_bits
+    for rank in range(1, world):
+        worker = results[rank][0]["ledger"]
+        assert worker["bytes_sent"] * 8 == STEPS * (bucket_bits + meta) + fp_bits
+        assert worker["bytes_received"] * 8 == STEPS * (planes * bucket_bits + meta) + fp_bits
+    names = {name for name, _, _ in results[0][0]["records"][1]}
+    assert any(name.endswith("[server]") for name in names)

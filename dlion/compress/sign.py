@@ -33,6 +33,15 @@ def average_table(n_workers: int) -> np.ndarray:
     return table
 
 
+def result_layout(*, vote: str, tie: str, n_workers: int) -> tuple[int, np.ndarray]:
+    """(B, table) of a combined result, known to every rank before any byte arrives."""
+    if vote == "average":
+        return max(1, n_workers.bit_length()), average_table(n_workers)
+    if n_workers % 2 == 0 and tie == "zero":
+        return 2, TERNARY_TABLE
+    return 1, MAJORITY_TABLE
+
+
 @dataclass(frozen=True)
 class Combined:
     """The aggregated update of one bucket: element update = table[code from planes]."""

@@ -66,6 +66,25 @@ class TorchComm:
         self._wait(work, what)
         return out
 
+    def gather(self, send: torch.Tensor, root: int, what: str) -> torch.Tensor | None:
+        """send: [L] -> [world_size, L] on ``root``, None elsewhere."""
+        send = send.to(self.device).contiguous()
+        out = None
+        parts = None
+        if self.rank == root:
+            out = torch.empty((self.world_size, *send.shape), dtype=send.dtype, device=self.device)
+            parts = list(out.unbind(0))
+        work = dist.gather(send, parts, dst=root, group=self.group, async_op=True)
+        self._wait(work, what)
+        return out
+
+    def broadcast(self, buf: torch.Tensor, root: int, what: str) -> torch.Tensor:
+        """In place: every rank's ``buf`` ends as ``root``'s (same shape and dtype everywhere)."""
+        buf = buf.to(self.device).contiguous()
+        work = dist.broadcast(buf, src=root, group=self.group, async_op=True)
+        self._wait(work, what)
+        return buf
+
     def all_reduce_sum(self, buf: torch.Tensor, what: str) -> None:
         """In-place sum over ranks."""
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)

@@ -9,6 +9,8 @@ is the bucket byte the packets begin at), so no topology knows the optimizer's m
 - ``sharded``: phase 1, all_to_all so rank j holds every rank's bits of shard j; phase 2,
   rank j votes shard j; phase 3, all_gather of the voted shards (B planes each). Per rank
   (N-1)/N S up and (N-1)/N S down for a 1-bit result, whatever N.
+- ``server``: the paper's parameter server, here co-located on rank 0: gather, vote,
+  broadcast. S up and B S down per worker; the server receives and sends N-1 times that.
 """
 
 from __future__ import annotations
@@ -80,6 +82,46 @@ def sharded_vote(
     return gathered, table
 
 
+def server_vote(
+    comm: TorchComm,
+    send: torch.Tensor,
+    wire: BucketWire,
+    combine: Combine,
+    ledger: Ledger,
+    *,
+    result_planes: int,
+    table: torch.Tensor,
+    root: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameter server co-located on rank ``root``: gather the bits, vote, broadcast.
+
+    Workers send S up and receive B*S down. The server receives (N-1) S (its own bits do
+    not cross the wire) and sends (N-1) B S in a flat broadcast; its records are named
+    ``[server]`` so its traffic reads apart from the workers'.
+    """
+    n, me = comm.world_size, comm.rank
+    full = wire.traffic(0, wire.nbytes)
+    gathered = comm.gather(send, root, f"{wire.name} gather to server")
+    if me == root:
+        assert gathered is not None
+        planes, table = combine(gathered.to(send.device), 0)
+        ledger.record(CollectiveRecord(f"{wire.name}[server]", "gather", n, Traffic(), full * (n - 1)))
+    else:
+        planes = torch.empty((result_planes, wire.nbytes), dtype=torch.uint8, device=send.device)
+        ledger.record(CollectiveRecord(wire.name, "gather", n, full, Traffic()))
+    if planes.shape[0] != result_planes:
+        raise RuntimeError(
+            f"{wire.name}: server produced {planes.shape[0]} planes, workers expect {result_planes}"
+        )
+    planes = comm.broadcast(planes, root, f"{wire.name} broadcast from server").to(send.device)
+    down = wire.traffic(0, wire.nbytes, result_planes)
+    if me == root:
+        ledger.record(CollectiveRecord(f"{wire.name}[server]", "broadcast", n, down * (n - 1), Traffic()))
+    else:
+        ledger.record(CollectiveRecord(wire.name, "broadcast", n, Traffic(), down))
+    return planes, table
+
+
 def _sum(parts: object) -> Traffic:
     total = Traffic()
     for t in parts:  # type: ignore[attr-defined]
@@ -90,4 +132,4 @@ def _sum(parts: object) -> Traffic:
 TOPOLOGIES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "allgather": allgather_vote,
     "sharded": sharded_vote,
-}
+}  # "server" needs the result layout too: see server_vote

@@ -10,12 +10,12 @@ from typing import Literal
 Vote = Literal["majority", "average"]
 Tie = Literal["random", "zero"]
 NonFinite = Literal["raise", "skip"]
-Backend = Literal["allgather", "sharded"]
+Backend = Literal["allgather", "sharded", "server"]
 
 VOTES: tuple[str, ...] = ("majority", "average")
 TIES: tuple[str, ...] = ("random", "zero")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
-BACKENDS: tuple[str, ...] = ("allgather", "sharded")
+BACKENDS: tuple[str, ...] = ("allgather", "sharded", "server")
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -50,7 +50,9 @@ class DistributedLionConfig:
     backend:      "allgather": every rank gathers all ranks' bits and votes locally,
                   (N-1) bits per parameter each way. "sharded": all_to_all of bits, each
                   rank votes its shard, all_gather of the results: 2 (N-1)/N bits each way
-                  under majority vote, whatever N.
+                  under majority vote, whatever N. "server": a parameter server on rank
+                  0 gathers the bits, votes, and broadcasts the result (1 bit up, B down
+                  per worker; N-1 times that at the server).
     tie:          majority vote with an even number of workers can split evenly.
                   "random": a fair coin seeded by (seed, step, position), identical on all
                   ranks, keeps the result at 1 bit per parameter. "zero": no update on a

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dlion.compress.sign import result_layout
 from dlion.kernels import derive_key
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import Ledger
 from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
-from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes
+from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes, server_vote
 from dlion.worker.buckets import Bucket, plan_buckets
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
 from dlion.worker.lion import lion_update
@@ -234,7 +235,7 @@ class DistributedLion(torch.optim.Optimizer):
                 def combine(packets: torch.Tensor, start: int, key: int = tie_key) -> Any:
                     return ops.combine(packets, vote=cfg.vote, tie=cfg.tie, tie_key=key, start=start)
 
-                planes, table = TOPOLOGIES[cfg.backend](comm, send, self._wires[k], combine, self.ledger)
+                planes, table = self._exchange(comm, send, k, combine)
                 # Phase 6: apply the same update on every rank.
                 for s in bucket.slots:
                     if meta.present[s.index]:
@@ -248,6 +249,17 @@ class DistributedLion(torch.optim.Optimizer):
                         )
         finally:
             self.ledger.end_step()
+
+    def _exchange(self, comm: TorchComm, send: torch.Tensor, k: int, combine: Any) -> Any:
+        cfg = self.config
+        if cfg.backend == "server":
+            # Workers size the server's reply before it arrives: no length on the wire.
+            planes, table = result_layout(vote=cfg.vote, tie=cfg.tie, n_workers=comm.world_size)
+            return server_vote(
+                comm, send, self._wires[k], combine, self.ledger,
+                result_planes=planes, table=torch.from_numpy(table).to(send.device),
+            )  # fmt: skip
+        return TOPOLOGIES[cfg.backend](comm, send, self._wires[k], combine, self.ledger)
 
     def _config_text(self) -> str:
         cfg = asdict(self.config)
