@@ -8,6 +8,7 @@ silent hang.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,8 +92,13 @@ class TorchComm:
         self._wait(work, what)
 
 
-def world_comm(group: dist.ProcessGroup | None, timeout: timedelta | None) -> TorchComm | None:
-    """The transport for ``group``, or None when torch.distributed is not initialised."""
+def world_comm(group: dist.ProcessGroup | None, timeout: timedelta | None, transport: str = "torch") -> Any:
+    """The transport: MpiComm for "mpi"; for "torch", TorchComm over ``group``, or None
+    when torch.distributed is not initialised (a single process)."""
+    if transport == "mpi":
+        from dlion.server.mpi_comm import MpiComm
+
+        return MpiComm(timeout=timeout)
     if dist.is_available() and dist.is_initialized():
         return TorchComm(group, timeout)
     return None

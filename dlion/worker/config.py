@@ -10,12 +10,14 @@ from typing import Literal
 Vote = Literal["majority", "average"]
 Tie = Literal["random", "zero"]
 NonFinite = Literal["raise", "skip"]
+Transport = Literal["torch", "mpi"]
 Backend = Literal["allgather", "sharded", "server"]
 
 VOTES: tuple[str, ...] = ("majority", "average")
 TIES: tuple[str, ...] = ("random", "zero")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
 BACKENDS: tuple[str, ...] = ("allgather", "sharded", "server")
+TRANSPORTS: tuple[str, ...] = ("torch", "mpi")
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -58,6 +60,8 @@ class DistributedLionConfig:
                   ranks, keeps the result at 1 bit per parameter. "zero": no update on a
                   tie, exactly sign(0) = 0; free with backend="allgather" (every rank votes
                   locally), 2 bits per parameter on any backend that sends the result down.
+    transport:    "torch" (torch.distributed: Gloo for CPU tensors, NCCL for CUDA) or
+                  "mpi" (mpi4py on NumPy buffers, COMM_WORLD; CPU tensors).
     nonfinite:    what a NaN/Inf gradient on any rank does: "raise" on every rank, or
                   "skip" the whole step on every rank (parameters and momentum untouched).
     seed:         run seed for the tie and zero-sign coins; must match across ranks.
@@ -69,6 +73,7 @@ class DistributedLionConfig:
     vote: Vote = "majority"
     tie: Tie = "random"
     backend: Backend = "allgather"
+    transport: Transport = "torch"
     nonfinite: NonFinite = "raise"
     seed: int = 0
     bucket_numel: int = 1 << 25
@@ -79,6 +84,7 @@ class DistributedLionConfig:
         _one_of("vote", self.vote, VOTES)
         _one_of("tie", self.tie, TIES)
         _one_of("backend", self.backend, BACKENDS)
+        _one_of("transport", self.transport, TRANSPORTS)
         _one_of("nonfinite", self.nonfinite, NONFINITE)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")

@@ -71,6 +71,7 @@ class DistributedLion(torch.optim.Optimizer):
         *,
         tie: Tie = "random",
         backend: str = "allgather",
+        transport: str = "torch",
         nonfinite: str = "raise",
         seed: int = 0,
         bucket_numel: int = 1 << 25,
@@ -82,6 +83,7 @@ class DistributedLion(torch.optim.Optimizer):
             vote=vote,
             tie=tie,
             backend=backend,  # type: ignore[arg-type]
+            transport=transport,  # type: ignore[arg-type]
             nonfinite=nonfinite,  # type: ignore[arg-type]
             seed=seed,
             bucket_numel=bucket_numel,
@@ -96,7 +98,7 @@ class DistributedLion(torch.optim.Optimizer):
                 raise TypeError(
                     f"DistributedLion needs floating-point parameters; {self._names[i]} is {p.dtype}"
                 )
-        self._comm: TorchComm | None = world_comm(process_group, timeout)
+        self._comm: TorchComm | None = world_comm(process_group, timeout, transport)
         align = align_bytes(backend, self.world_size)
         self._buckets: list[Bucket] = plan_buckets([p.numel() for p, _ in self._flat], bucket_numel, align)
         self._wires = [

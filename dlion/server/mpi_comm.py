@@ -1,0 +1,82 @@
+"""Transport over MPI (mpi4py) on NumPy buffers: the same interface as TorchComm.
+
+Collectives are non-blocking (Iallgather, Ialltoall, Igather, Ibcast, Iallreduce) and
+polled against a deadline, so a stalled rank is a CollectiveTimeout here too. Launch as
+``mpiexec -n N python -m mpi4py ...`` so that one rank's exception aborts the job.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from dlion.server.comm import CollectiveTimeout
+
+_POLL_S = 2e-4
+
+
+class MpiComm:
+    """The ranks of an MPI communicator (default COMM_WORLD), as seen from this rank."""
+
+    def __init__(self, comm: Any = None, timeout: timedelta | None = None) -> None:
+        try:
+            from mpi4py import MPI
+        except ImportError as err:  # pragma: no cover - exercised only without the extra
+            raise RuntimeError("transport='mpi' needs mpi4py: pip install 'dlion[mpi]'") from err
+        self._mpi = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
+        self.timeout = timeout
+        self.device = torch.device("cpu")
+
+    def _wait(self, req: Any, what: str) -> None:
+        if self.timeout is None:
+            req.Wait()
+            return
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not req.Test():
+            if time.monotonic() > deadline:
+                raise CollectiveTimeout(
+                    f"rank {self.rank}/{self.world_size}: {what} did not complete within {self.timeout} "
+                    "(MPI): another rank may have died or diverged"
+                )
+            time.sleep(_POLL_S)
+
+    @staticmethod
+    def _array(t: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().cpu().numpy())
+
+    def all_gather(self, send: torch.Tensor, what: str) -> torch.Tensor:
+        a = self._array(send)
+        out = np.empty((self.world_size, *a.shape), a.dtype)
+        self._wait(self.comm.Iallgather(a, out), what)
+        return torch.from_numpy(out)
+
+    def all_to_all(self, send: torch.Tensor, what: str) -> torch.Tensor:
+        a = self._array(send).reshape(-1)
+        if a.size % self.world_size:
+            raise ValueError(f"{what}: {a.size} elements do not split into {self.world_size} shards")
+        out = np.empty((self.world_size, a.size // self.world_size), a.dtype)
+        self._wait(self.comm.Ialltoall(a, out), what)
+        return torch.from_numpy(out)
+
+    def gather(self, send: torch.Tensor, root: int, what: str) -> torch.Tensor | None:
+        a = self._array(send)
+        out = np.empty((self.world_size, *a.shape), a.dtype) if self.rank == root else None
+        self._wait(self.comm.Igather(a, out, root=root), what)
+        return torch.from_numpy(out) if out is not None else None
+
+    def broadcast(self, buf: torch.Tensor, root: int, what: str) -> torch.Tensor:
+        a = self._array(buf).copy()
+        self._wait(self.comm.Ibcast(a, root=root), what)
+        return torch.from_numpy(a)
+
+    def all_reduce_sum(self, buf: torch.Tensor, what: str) -> None:
+        a = self._array(buf).copy()
+        self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, a, op=self._mpi.SUM), what)
+        buf.copy_(torch.from_numpy(a))
