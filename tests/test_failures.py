@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Any
 
+import pytest
 import torch
 
 import dlion
 
 from multiproc import run_ranks
 
+STALL_S = 8.0
 
-def _rank1_stalls(rank: int, world: int) -> dict[str, object]:
+
+def _rank1_stalls_in_exchange(rank: int, world: int, backend: str) -> dict[str, object]:
     p = torch.nn.Parameter(torch.ones(100))
-    opt = dlion.DistributedLion([p], timeout=timedelta(seconds=3))
+    opt = dlion.DistributedLion([p], timeout=timedelta(seconds=3), backend=backend)
     p.grad = torch.ones(100)
     opt.step()  # both ranks take one step together
     if rank == 1:
-        time.sleep(8)  # stalls past rank 0's timeout, then leaves
-        return {"error": None, "elapsed": 0.0}
+        # Rank 1 passes the metadata exchange, then stalls where the backend's own
+        # collective should start, and leaves.
+        def stall(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(STALL_S)
+            raise RuntimeError("rank 1 stalled on purpose")
+
+        opt._exchange = stall  # type: ignore[method-assign]
     start = time.monotonic()
     try:
         opt.step()
@@ -28,10 +37,14 @@ def _rank1_stalls(rank: int, world: int) -> dict[str, object]:
     return {"error": None, "elapsed": time.monotonic() - start}
 
 
-def test_stalled_rank_times_out_with_clear_error() -> None:
-    out = run_ranks(_rank1_stalls, 2, timeout_s=90)
+@pytest.mark.parametrize(
+    ("backend", "collective"),
+    [("allgather", "bucket0 all_gather"), ("sharded", "bucket0 all_to_all"), ("server", "bucket0 gather")],
+)
+def test_stalled_rank_times_out_in_the_backend_collective(backend: str, collective: str) -> None:
+    out = run_ranks(_rank1_stalls_in_exchange, 2, timeout_s=90, backend=backend)
     status, value = out[0]
     assert status == "ok", value
-    assert value["error"] is not None and "CollectiveTimeout" in value["error"]
-    assert "rank 0/2" in value["error"]
-    assert value["elapsed"] < 8
+    assert value["error"] is not None and "CollectiveTimeout" in value["error"], value
+    assert "rank 0/2" in value["error"] and collective in value["error"]
+    assert value["elapsed"] < STALL_S
