@@ -115,3 +115,17 @@ def test_torch_ops_equal_numba_ops(vote: str, tie: str, n: int) -> None:
         rng.standard_normal(size)
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_bfloat16_parameters_at_world_size_one() -> None:
+    """bf16 gradients pass the non-finite check (NumPy cannot view bf16) and step like Lion."""
+    a = torch.nn.Parameter(torch.linspace(-1, 1, 17, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(a.detach().clone())
+    grad = torch.linspace(1, -1, 17, dtype=torch.bfloat16)
+    for p, opt in ((a, dlion.DistributedLion([a], lr=0.01)), (b, dlion.Lion([b], lr=0.01))):
+        p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(a, b)
+    a.grad = torch.full((17,), float("nan"), dtype=torch.bfloat16)
+    with pytest.raises(dlion.NonFiniteGradientError):
+        dlion.DistributedLion([a]).step()

@@ -15,12 +15,12 @@ from dlion.compress.sign import result_layout
 from dlion.kernels import derive_key
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import Ledger
-from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
+from dlion.server.meta import check_fingerprint, exchange_step_meta
 from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes, server_vote
 from dlion.worker.buckets import Bucket, plan_buckets
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
-from dlion.worker.lion import lion_update
-from dlion.worker.sign_ops import ops_for
+from dlion.worker.lion import lion_update, run_closure
+from dlion.worker.sign_ops import CpuSignOps, TorchSignOps, ops_for
 
 # Coin streams: distinct key spaces for the zero-sign coin and the even-split tie coin.
 ZERO_STREAM, TIE_STREAM = 1, 2
@@ -135,10 +135,7 @@ class DistributedLion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         grads = [self._checked_grad(i, p) for i, (p, _) in enumerate(self._flat)]
         if self._comm is None or (self._comm.world_size == 1 and not self.config.force_comm):
             self._step_local(grads)
@@ -169,8 +166,8 @@ class DistributedLion(torch.optim.Optimizer):
 
     def _step_local(self, grads: list[torch.Tensor | None]) -> None:
         """World size 1: plain Lion, no bits."""
-        bad = [i for i, g in enumerate(grads) if g is not None and not bool(torch.isfinite(g).all())]
-        if bad and self._nonfinite(StepMeta(np.ones(1, bool), 0, bad[0])):
+        bad = self._first_nonfinite(grads)
+        if bad >= 0 and self._nonfinite(rank=0, index=bad):
             return
         for (p, group), g in zip(self._flat, grads, strict=True):
             if g is None:
@@ -186,9 +183,18 @@ class DistributedLion(torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
             )
 
-    def _nonfinite(self, meta: StepMeta) -> bool:
+    def _first_nonfinite(self, grads: list[torch.Tensor | None]) -> int:
+        """Index of the first tensor whose gradient holds a NaN or Inf, or -1."""
+        ops = self._ops()
+        return next((i for i, g in enumerate(grads) if g is not None and ops.nonfinite(g)), -1)
+
+    def _ops(self) -> CpuSignOps | TorchSignOps:
+        # torch.optim refuses an empty parameter list, so there is always a first tensor.
+        return ops_for(self._flat[0][0].device)
+
+    def _nonfinite(self, *, rank: int, index: int) -> bool:
         """Raise, or return True to skip the step; the same on every rank."""
-        where = f"rank {meta.bad_rank}, {self._names[meta.bad_index]}"
+        where = f"rank {rank}, {self._names[index]}"
         if self.config.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradient (NaN or Inf) on {where} at step {self.steps_taken}; "
@@ -199,7 +205,7 @@ class DistributedLion(torch.optim.Optimizer):
 
     def _step_distributed(self, comm: TorchComm, grads: list[torch.Tensor | None]) -> None:
         cfg = self.config
-        ops = ops_for(self._flat[0][0].device) if self._flat else None
+        ops = self._ops()
         self.ledger.begin_step()
         try:
             # Phase 1: local checks, and once, the fingerprint exchange.
@@ -207,12 +213,11 @@ class DistributedLion(torch.optim.Optimizer):
                 check_fingerprint(comm, [p for p, _ in self._flat], self._config_text(), self.ledger)
                 self._checked = True
             present = np.array([g is not None for g in grads], dtype=bool)
-            bad = next((i for i, g in enumerate(grads) if g is not None and ops and ops.nonfinite(g)), -1)
+            bad = self._first_nonfinite(grads)
             # Phase 2: metadata exchange; all ranks branch alike.
             meta = exchange_step_meta(comm, present, bad, self.ledger)
-            if meta.bad_rank >= 0 and self._nonfinite(meta):
+            if meta.bad_rank >= 0 and self._nonfinite(rank=meta.bad_rank, index=meta.bad_index):
                 return
-            assert ops is not None
             for k, bucket in enumerate(self._buckets):
                 # Phase 3: fused sign step into the bucket's send buffer.
                 send = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=self._flat[0][0].device)

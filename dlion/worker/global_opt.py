@@ -13,6 +13,7 @@ import torch.distributed as dist
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_reduce_traffic
 from dlion.server.meta import exchange_step_meta
+from dlion.worker.lion import run_closure
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -64,10 +65,7 @@ class GlobalOptimizer:
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         comm = self._comm
         if comm is not None and comm.world_size > 1:
             self._average_grads(comm)

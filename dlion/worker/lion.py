@@ -15,6 +15,14 @@ import torch
 from dlion.worker.config import check_lion_hyperparameters
 
 
+def run_closure(closure: Callable[[], float] | None) -> float | None:
+    """The loss from ``closure`` (run with gradients enabled inside ``step``), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 @torch.no_grad()
 def lion_update(
     param: torch.Tensor,
@@ -53,10 +61,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -34,7 +34,9 @@ class CpuSignOps:
         )
 
     def nonfinite(self, grad: torch.Tensor) -> bool:
-        return not kernels.all_finite(grad.detach().reshape(-1).numpy())
+        if grad.dtype in (torch.float32, torch.float64):
+            return not kernels.all_finite(grad.detach().reshape(-1).numpy())
+        return not bool(torch.isfinite(grad).all())  # bf16/fp16: NumPy has no view of them
 
     def combine(
         self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int, start: int = 0
