@@ -13,6 +13,7 @@ import torch.distributed as dist
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_reduce_traffic
 from dlion.server.meta import exchange_step_meta
+from dlion.worker.config import TRANSPORTS
 from dlion.worker.lion import run_closure
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -36,13 +37,17 @@ class GlobalOptimizer:
         process_group: dist.ProcessGroup | None = None,
         *,
         wire_dtype: str = "float32",
+        transport: str = "torch",
         timeout: timedelta | None = None,
     ) -> None:
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
         self.inner = inner
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
-        self._comm: TorchComm | None = world_comm(process_group, timeout)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.transport = transport
+        self._comm: TorchComm | None = world_comm(process_group, timeout, transport)
         self._flat = [p for g in inner.param_groups for p in g["params"]]
         self.ledger = Ledger(n_params=sum(p.numel() for p in self._flat))
 

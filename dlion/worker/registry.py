@@ -29,6 +29,7 @@ class BuildArgs:
     process_group: dist.ProcessGroup | None = None
     seed: int = 0
     backend: str = "allgather"  # where the dlion vote runs; dense baselines all-reduce
+    transport: str = "torch"  # torch.distributed or mpi (mpi4py)
 
 
 Builder = Callable[[Iterable[Any], BuildArgs], Any]
@@ -67,6 +68,7 @@ def _dlion(vote: Vote) -> Builder:
             process_group=a.process_group,
             seed=a.seed,
             backend=a.backend,
+            transport=a.transport,
         )
 
     return build
@@ -75,7 +77,7 @@ def _dlion(vote: Vote) -> Builder:
 def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
     def build(params: Iterable[Any], a: BuildArgs) -> Any:
         inner = make_inner(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
-        return GlobalOptimizer(inner, a.process_group)
+        return GlobalOptimizer(inner, a.process_group, transport=a.transport)
 
     return build
 
@@ -101,6 +103,7 @@ def build_optimizer(
     process_group: dist.ProcessGroup | None = None,
     seed: int = 0,
     backend: str = "allgather",
+    transport: str = "torch",
 ) -> Any:
     """The optimizer called ``name``; every one has ``.ledger``.
 
@@ -112,6 +115,12 @@ def build_optimizer(
     if betas is None:
         betas = DEFAULT_BETAS.get(name, (0.9, 0.99))
     args = BuildArgs(
-        lr=lr, weight_decay=weight_decay, betas=betas, process_group=process_group, seed=seed, backend=backend
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        process_group=process_group,
+        seed=seed,
+        backend=backend,
+        transport=transport,
     )
     return OPTIMIZERS[name](params, args)
