@@ -6,6 +6,7 @@ import os
 # per call when ranks share cores. Effective when dlion is imported before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+from dlion.server.ps import ParameterServer, WorkerLost, split_server
 from dlion.worker.distributed_lion import DistributedLion, NonFiniteGradientError
 from dlion.worker.global_opt import GlobalOptimizer
 from dlion.worker.lion import Lion, lion_update
@@ -17,6 +18,9 @@ __all__ = [
     "GlobalOptimizer",
     "Lion",
     "NonFiniteGradientError",
+    "ParameterServer",
+    "WorkerLost",
     "__version__",
     "lion_update",
+    "split_server",
 ]

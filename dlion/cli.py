@@ -2,7 +2,9 @@
 
     dlion train --workers N --optimizer NAME [--steps ...] [--out DIR] [train flags]
 
-``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local).
+``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local), or,
+with ``--transport mpi``, as many ranks under mpiexec (dlion.launch.mpi). ``--server
+dedicated`` adds one process, the parameter server.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 from collections.abc import Sequence
 
 from dlion.launch.local import launch_local
+from dlion.launch.mpi import launch_mpi
 from dlion.train.config import add_train_arguments, config_from_args
 from dlion.train.loop import LOCAL_OPTIMIZERS
 
@@ -61,4 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         train.error(str(e))
-    return launch_local(workers, cfg.to_argv())
+    # A dedicated parameter server is one process more than the workers: the last rank.
+    processes = workers + (1 if cfg.server == "dedicated" else 0)
+    if cfg.transport == "mpi":
+        try:
+            return launch_mpi(processes, cfg.to_argv())
+        except FileNotFoundError as e:
+            train.error(str(e))
+    return launch_local(processes, cfg.to_argv())

@@ -10,18 +10,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mpi4py import MPI
 from test_distributed_lion import _train
+from test_server import run_dedicated
 
 CASES = [
     ("majority", "random", "allgather"),
     ("average", "random", "sharded"),
     ("majority", "zero", "server"),
 ]
+DEDICATED_CASES = [("majority", "random"), ("average", "random")]
 
 
 def main() -> None:
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
-    results = [_train(rank, world, v, t, seed=7, backend=b, transport="mpi") for v, t, b in CASES]
+    if sys.argv[2:] == ["dedicated"]:  # the last rank is a parameter server
+        results = run_dedicated(rank, world, DEDICATED_CASES, transport="mpi")
+    else:
+        results = [_train(rank, world, v, t, seed=7, backend=b, transport="mpi") for v, t, b in CASES]
     with open(os.path.join(sys.argv[1], f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(results, f)
 

@@ -34,8 +34,13 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, store: str, q: Any, kw
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, timeout_s: float = 120, **kwargs: Any) -> list[Any]:
-    """fn(rank=, world=, **kwargs) on each rank; returns results by rank or raises."""
+def run_ranks(
+    fn: Callable[..., Any], world: int, timeout_s: float = 120, lost: int = 0, **kwargs: Any
+) -> list[Any]:
+    """fn(rank=, world=, **kwargs) on each rank; (status, value) by rank, or raises.
+
+    ``lost`` ranks are expected to die without reporting: theirs read ("lost", None).
+    """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,7 +50,7 @@ def run_ranks(fn: Callable[..., Any], world: int, timeout_s: float = 120, **kwar
             p.start()
         results: dict[int, tuple[str, Any]] = {}
         try:
-            for _ in range(world):
+            for _ in range(world - lost):
                 rank, status, value = q.get(timeout=timeout_s)
                 results[rank] = (status, pickle.loads(value) if status == "ok" else value)
         finally:
@@ -53,7 +58,7 @@ def run_ranks(fn: Callable[..., Any], world: int, timeout_s: float = 120, **kwar
                 p.join(timeout=10)
                 if p.is_alive():
                     p.kill()
-    return [results[r] for r in range(world)]
+    return [results.get(r, ("lost", None)) for r in range(world)]
 
 
 def run_ok(fn: Callable[..., Any], world: int, **kwargs: Any) -> list[Any]:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dlion.compress.sign import TIE_STREAM, ZERO_STREAM
 from dlion.kernels import coin_bytes_ref, derive_key, lion_sign_step_ref
 from dlion.worker.buckets import plan_buckets
-from dlion.worker.distributed_lion import TIE_STREAM, ZERO_STREAM
 
 
 @dataclass

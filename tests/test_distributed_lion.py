@@ -52,6 +52,8 @@ def _train(
     seed: int,
     backend: str = "allgather",
     transport: str = "torch",
+    process_group: object = None,
+    server: object = None,
 ) -> dict[str, object]:
     import dlion
 
@@ -60,13 +62,22 @@ def _train(
         {"params": [params[i] for i in g.indices], "lr": g.lr, "weight_decay": g.weight_decay} for g in GROUPS
     ]
     opt = dlion.DistributedLion(
-        groups, vote=vote, tie=tie, seed=seed, bucket_numel=BUCKET_NUMEL, backend=backend, transport=transport
-    )  # type: ignore[arg-type]
+        groups,
+        vote=vote,  # type: ignore[arg-type]
+        tie=tie,  # type: ignore[arg-type]
+        seed=seed,
+        bucket_numel=BUCKET_NUMEL,
+        backend=backend,
+        transport=transport,
+        process_group=process_group,  # type: ignore[arg-type]
+        server=server,  # type: ignore[arg-type]
+    )
     grads = make_grads(world)
     for step in range(STEPS):
         for p, g in zip(params, grads[step][rank], strict=True):
             p.grad = None if g is None else torch.from_numpy(g.copy())
         opt.step()
+    server_totals = opt.close()
     order = [i for g in GROUPS for i in g.indices]
     moms = {
         i: opt.state[params[i]]["exp_avg"].numpy().reshape(-1).copy() for i in order if params[i] in opt.state
@@ -77,6 +88,7 @@ def _train(
         "ledger": opt.ledger.summary(),
         "step_bytes": opt.ledger.step_bytes(),
         "records": [[(r.name, r.sent, r.received) for r in recs] for recs in opt.ledger.steps],
+        "server_totals": server_totals,
     }
 
 

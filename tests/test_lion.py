@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dlion
-from dlion.worker.sign_ops import CpuSignOps, TorchSignOps
+from dlion.compress.sign_ops import CpuSignOps, TorchSignOps
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -90,6 +91,33 @@ def test_sharded_backend_same_result_fewer_bytes(tmp_path: Path) -> None:
     assert 2.0 <= gathered["ledger"]["bits_per_param_up"] < 2.1
 
 
+def test_dedicated_parameter_server(tmp_path: Path) -> None:
+    """Two workers and a third process that only votes: the same result as the vote on
+    rank 0, and the server's own traffic in the report, N times a worker's payload."""
+    dedicated = _train(tmp_path / "d", 2, "dlion-mavo", "--backend", "server", "--server", "dedicated")
+    on_rank0 = _train(tmp_path / "r", 2, "dlion-mavo", "--backend", "server")
+    _check_common(dedicated, 2, "dlion-mavo")
+    assert dedicated["config"]["server"] == "dedicated" and on_rank0["server_ledger"] is None
+    assert dedicated["val_loss"] == on_rank0["val_loss"]
+    server, workers = dedicated["server_ledger"], dedicated["ledger_by_rank"]
+    assert server["steps"] == 5
+    up = sum(w["sent_bytes_by_kind"]["payload"] for w in workers)
+    assert server["received_bytes_by_kind"]["payload"] == up > 0
+    down = sum(w["received_bytes_by_kind"]["payload"] for w in workers)
+    assert server["sent_bytes_by_kind"]["payload"] == down == up  # majority: 1 bit each way
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py (the mpi extra)")
+def test_mpi_transport(tmp_path: Path) -> None:
+    """`dlion train --transport mpi` runs the ranks under mpiexec: same votes as Gloo."""
+    mpi = _train(tmp_path / "m", 2, "dlion-mavo", "--transport", "mpi", "--backend", "sharded")
+    gloo = _train(tmp_path / "g", 2, "dlion-mavo", "--backend", "sharded")
+    _check_common(mpi, 2, "dlion-mavo")
+    assert mpi["config"]["transport"] == "mpi" and mpi["config"]["dist_backend"] == "mpi"
+    assert mpi["val_loss"] == gloo["val_loss"]
+    assert mpi["ledger"] == gloo["ledger"]
+
+
 def test_adamw_global_two_workers(tmp_path: Path) -> None:
     report = _train(tmp_path, 2, "adamw-global")
     _check_common(report, 2, "adamw-global")
@@ -145,6 +173,8 @@ def test_failing_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:
         (["--steps", "0"], "steps must be an int >= 1, got 0"),
         (["--d-model", "30", "--heads", "4"], "d_model=30 must be divisible by heads=4"),
         (["--lr", "nan"], "lr must be a finite number"),
+        (["--server", "dedicated"], "server='dedicated' is a parameter-server process"),
+        (["--transport", "tcp"], "invalid choice: 'tcp'"),
     ],
 )
 def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:

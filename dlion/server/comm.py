@@ -7,6 +7,11 @@ silent hang.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +21,22 @@ import torch.distributed as dist
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete within the configured timeout."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A posted point-to-point send or receive: ``buf`` is valid once it is waited for."""
+
+    work: Any
+    buf: torch.Tensor
+    what: str
+    peer: int
+    expect_bytes: int = -1  # receives: the exact length the message must have
+    staging: Any = None  # a transport's receive buffer, when it is not ``buf``
+
+
+def deadline_of(timeout: timedelta | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout.total_seconds()
 
 
 class TorchComm:
@@ -28,17 +49,23 @@ class TorchComm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.timeout = timeout
+        self._pool: ThreadPoolExecutor | None = None
         # NCCL moves only CUDA tensors; Gloo takes CPU tensors (and stages CUDA ones).
         backend = dist.get_backend(group)
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         )
 
-    def _wait(self, work: dist.Work | None, what: str) -> None:
+    def _wait(self, work: dist.Work | None, what: str, deadline: float | None = None) -> None:
         if work is None:
             return
+        if deadline is None:
+            deadline = deadline_of(self.timeout)
         try:
-            ok = work.wait(self.timeout) if self.timeout is not None else work.wait()
+            if deadline is None:
+                ok = work.wait()
+            else:
+                ok = work.wait(timedelta(seconds=max(1e-3, deadline - time.monotonic())))
         except RuntimeError as err:
             raise CollectiveTimeout(
                 f"rank {self.rank}/{self.world_size}: {what} failed or timed out "
@@ -91,6 +118,46 @@ class TorchComm:
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self._wait(work, what)
 
+    def isend(self, buf: torch.Tensor, dst: int, what: str) -> Pending:
+        buf = buf.to(self.device).contiguous()
+        with self._posting(dst, what):
+            return Pending(dist.isend(buf, group=self.group, group_dst=dst), buf, what, dst)
+
+    def irecv(self, buf: torch.Tensor, src: int, what: str) -> Pending:
+        """Receive into ``buf`` (contiguous, on this transport's device); Gloo checks the length."""
+        with self._posting(src, what):
+            return Pending(dist.irecv(buf, group=self.group, group_src=src), buf, what, src)
+
+    @contextmanager
+    def _posting(self, peer: int, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as err:  # the connection to the peer is already gone
+            raise CollectiveTimeout(f"rank {self.rank}: {what} failed: rank {peer} is gone: {err}") from err
+
+    def wait_all(self, pending: Sequence[Pending]) -> None:
+        """Wait for all under one deadline; the error names the peer that failed first.
+
+        Gloo's point-to-point work cannot be polled (is_completed stays False), so the
+        waits run side by side in threads: when one peer dies, the others may fail soon
+        after as a consequence, and only the order in time tells the cause.
+        """
+        if len(pending) == 1:
+            self._wait(pending[0].work, pending[0].what)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(thread_name_prefix="dlion-p2p")
+        deadline = deadline_of(self.timeout)
+        futures = {self._pool.submit(self._wait, p.work, p.what, deadline): p for p in pending}
+        left = None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0
+        done, not_done = wait(futures, timeout=left, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
+        if not_done:
+            missing = ", ".join(futures[f].what for f in not_done)
+            raise CollectiveTimeout(f"rank {self.rank}: no {missing} within {self.timeout}")
+
 
 def world_comm(group: dist.ProcessGroup | None, timeout: timedelta | None, transport: str = "torch") -> Any:
     """The transport: MpiComm for "mpi"; for "torch", TorchComm over ``group``, or None
@@ -98,7 +165,8 @@ def world_comm(group: dist.ProcessGroup | None, timeout: timedelta | None, trans
     if transport == "mpi":
         from dlion.server.mpi_comm import MpiComm
 
-        return MpiComm(timeout=timeout)
+        # Under MPI, ``group`` is an mpi4py communicator (None: COMM_WORLD).
+        return MpiComm(group, timeout=timeout)
     if dist.is_available() and dist.is_initialized():
         return TorchComm(group, timeout)
     return None

@@ -74,6 +74,9 @@ class Ledger:
 
     n_params: int = 0
     steps: list[list[CollectiveRecord]] = field(default_factory=list)
+    # Messages outside any step (a dedicated server's handshake, stop and totals): in the
+    # totals, not in the per-step figures.
+    extra: list[CollectiveRecord] = field(default_factory=list)
     _open: list[CollectiveRecord] | None = None
 
     def begin_step(self) -> None:
@@ -99,13 +102,13 @@ class Ledger:
 
     def totals(self) -> tuple[Traffic, Traffic]:
         sent, received = NO_TRAFFIC, NO_TRAFFIC
-        for recs in self.steps:
+        for recs in [*self.steps, self.extra]:
             for r in recs:
                 sent, received = sent + r.sent, received + r.received
         return sent, received
 
     def summary(self) -> dict[str, Any]:
-        """Totals in bytes and the per-step bits per parameter, up and down."""
+        """Totals in bytes and the bits per parameter per step, up and down."""
         sent, received = self.totals()
         steps = len(self.steps)
         denom = max(1, steps) * max(1, self.n_params)

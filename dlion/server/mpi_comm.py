@@ -8,13 +8,14 @@ polled against a deadline, so a stalled rank is a CollectiveTimeout here too. La
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 
-from dlion.server.comm import CollectiveTimeout
+from dlion.server.comm import CollectiveTimeout, Pending, deadline_of
 
 _POLL_S = 2e-4
 
@@ -34,12 +35,13 @@ class MpiComm:
         self.timeout = timeout
         self.device = torch.device("cpu")
 
-    def _wait(self, req: Any, what: str) -> None:
-        if self.timeout is None:
-            req.Wait()
+    def _wait(self, req: Any, what: str, deadline: float | None = None, status: Any = None) -> None:
+        if deadline is None:
+            deadline = deadline_of(self.timeout)
+        if deadline is None:
+            req.Wait(status)
             return
-        deadline = time.monotonic() + self.timeout.total_seconds()
-        while not req.Test():
+        while not req.Test(status):
             if time.monotonic() > deadline:
                 raise CollectiveTimeout(
                     f"rank {self.rank}/{self.world_size}: {what} did not complete within {self.timeout} "
@@ -80,3 +82,40 @@ class MpiComm:
         a = self._array(buf).copy()
         self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, a, op=self._mpi.SUM), what)
         buf.copy_(torch.from_numpy(a))
+
+    def isend(self, buf: torch.Tensor, dst: int, what: str) -> Pending:
+        a = self._array(buf)
+        return Pending(self.comm.Isend(a, dest=dst), torch.from_numpy(a), what, dst)
+
+    def irecv(self, buf: torch.Tensor, src: int, what: str) -> Pending:
+        # One byte of room beyond the expected length turns a longer message into a
+        # checked length error instead of MPI's truncation abort.
+        room = np.empty(buf.numel() * buf.element_size() + 1, np.uint8)
+        req = self.comm.Irecv(room, source=src)
+        return Pending(req, buf, what, src, expect_bytes=room.size - 1, staging=room)
+
+    def wait_all(self, pending: Sequence[Pending]) -> None:
+        """Poll all under one deadline, so the error names the peer that failed or is missing."""
+        deadline = deadline_of(self.timeout)
+        left = {i: self._mpi.Status() for i in range(len(pending))}
+        while left:
+            for i, status in list(left.items()):
+                if pending[i].work.Test(status):
+                    self._check_length(pending[i], status)
+                    del left[i]
+            if left and deadline is not None and time.monotonic() > deadline:
+                missing = ", ".join(pending[i].what for i in left)
+                raise CollectiveTimeout(f"rank {self.rank}: no {missing} within {self.timeout} (MPI)")
+            if left:
+                time.sleep(_POLL_S)
+
+    def _check_length(self, p: Pending, status: Any) -> None:
+        if p.expect_bytes < 0:
+            return
+        got = status.Get_count(self._mpi.BYTE)
+        if got != p.expect_bytes:
+            raise ValueError(
+                f"rank {self.rank}: {p.what} from rank {p.peer} was {got} bytes; expected "
+                f"{p.expect_bytes} (the peer runs another model, config or dlion version)"
+            )
+        p.buf.view(-1).view(torch.uint8).copy_(torch.from_numpy(p.staging[:-1]))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from dlion.worker.config import BACKENDS
+from dlion.worker.config import BACKENDS, TRANSPORTS
 from dlion.worker.registry import OPTIMIZER_NAMES
 
 # Picked by sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best at
@@ -34,6 +34,10 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "lion-global": 0.3,
     "adamw-global": 0.1,
 }
+
+
+# Where backend="server" runs its vote: on rank 0, or in a process of its own.
+SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,11 +63,23 @@ class TrainConfig:
     data_bytes: int = 4_000_000
     timeout_s: float = 120.0
     backend: str = "allgather"
+    server: str = "rank0"
+    transport: str = "torch"
     out: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.server not in SERVER_PLACEMENTS:
+            raise ValueError(f"server must be one of {', '.join(SERVER_PLACEMENTS)}; got {self.server!r}")
+        voting = self.optimizer.startswith("dlion-")
+        if self.server == "dedicated" and (self.backend != "server" or not voting):
+            raise ValueError(
+                f"server='dedicated' is a parameter-server process for the dlion optimizers with "
+                f"backend='server'; got optimizer {self.optimizer!r} with backend {self.backend!r}"
+            )
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {self.transport!r}")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}; got {self.optimizer!r}")
         for name in (
@@ -137,7 +153,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default=d.backend,
-        help="where the dlion vote runs: every rank on all bits, or sharded (default: %(default)s)",
+        help="where the dlion vote runs: every rank on all bits, sharded, or a parameter server "
+        "(default: %(default)s)",
+    )
+    a(
+        "--server",
+        choices=SERVER_PLACEMENTS,
+        default=d.server,
+        help="with --backend server: the server on rank 0, or a dedicated process that trains "
+        "nothing (one process more than --workers) (default: %(default)s)",
+    )
+    a(
+        "--transport",
+        choices=TRANSPORTS,
+        default=d.transport,
+        help="torch.distributed (Gloo/NCCL), or MPI through mpi4py, launched under mpiexec "
+        "(default: %(default)s)",
     )
     a("--batch-size", type=int, default=d.batch_size, help="windows per rank per step (default: %(default)s)")
     a("--context", type=int, default=d.context, help="bytes per window (default: %(default)s)")

@@ -17,10 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numba
 import torch
 import torch.distributed as dist
+
+from dlion.server.comm import TorchComm
 
 INIT_METHOD_ENV = "DLION_INIT_METHOD"
 # Where a worker writes why it failed, so the launcher can name the rank that failed
@@ -41,8 +44,9 @@ class DistContext:
     local_rank: int
     local_world_size: int
     device: torch.device
-    backend: str | None
+    backend: str | None  # "gloo", "nccl", "mpi", or None for a plain one-process run
     initialized: bool
+    comm: Any = None  # TorchComm or MpiComm for the loop's own collectives
 
 
 def cpu_count() -> int:
@@ -71,11 +75,15 @@ def set_thread_counts(local_world_size: int) -> int:
     return threads
 
 
-def setup(*, needs_group: bool, timeout_s: float) -> DistContext:
+def setup(*, needs_group: bool, timeout_s: float, transport: str = "torch") -> DistContext:
     """Join the job's process group, or start a world of one when the optimizer needs one.
 
     ``needs_group`` is False only for purely local optimizers, which refuse a world size > 1.
+    With ``transport="mpi"`` ranks come from MPI's COMM_WORLD (launched by mpiexec) and no
+    torch process group is made.
     """
+    if transport == "mpi" and needs_group:
+        return _setup_mpi(timeout_s)
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
@@ -84,13 +92,10 @@ def setup(*, needs_group: bool, timeout_s: float) -> DistContext:
         raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
     if not needs_group and world_size > 1:
         raise ValueError(f"runs on one process only, but WORLD_SIZE={world_size}")
-    use_cuda = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    device = _device(local_rank)
     if not needs_group:
         return DistContext(rank, 1, local_rank, local_world_size, device, None, False)
-    backend = "nccl" if use_cuda else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     init_method = os.environ.get(INIT_METHOD_ENV)
     if init_method is None and "MASTER_ADDR" in os.environ:
         init_method = "env://"
@@ -107,14 +112,35 @@ def setup(*, needs_group: bool, timeout_s: float) -> DistContext:
         _scratch = tempfile.TemporaryDirectory(prefix="dlion-store-")
         init_method = Path(_scratch.name, "store").as_uri()
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
+        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
     )
-    return DistContext(rank, world_size, local_rank, local_world_size, device, backend, True)
+    comm = TorchComm(None, timeout)
+    return DistContext(rank, world_size, local_rank, local_world_size, device, backend, True, comm)
+
+
+def _setup_mpi(timeout_s: float) -> DistContext:
+    from mpi4py import MPI
+
+    from dlion.server.mpi_comm import MpiComm
+
+    comm = MpiComm(timeout=timedelta(seconds=timeout_s))
+    # The ranks on this host, whatever the MPI: a shared-memory split of COMM_WORLD.
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_world_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    return DistContext(
+        comm.rank, comm.world_size, local_rank, local_world_size, _device(local_rank), "mpi", True, comm
+    )
+
+
+def _device(local_rank: int) -> torch.device:
+    use_cuda = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return device
 
 
 def record_failure(exc: BaseException) -> None:
@@ -140,13 +166,9 @@ def teardown(ctx: DistContext) -> None:
 
 def all_gather_rows(ctx: DistContext, row: torch.Tensor) -> torch.Tensor:
     """(k,) on each rank -> (world, k) on every rank; the row's length must match across ranks."""
-    if not ctx.initialized:
+    if ctx.comm is None:
         return row.unsqueeze(0)
-    # NCCL only moves device tensors; Gloo takes CPU ones.
-    local = row.to(ctx.device) if ctx.backend == "nccl" else row
-    out = [torch.empty_like(local) for _ in range(ctx.world_size)]
-    dist.all_gather(out, local.contiguous())
-    return torch.stack(out).cpu()
+    return ctx.comm.all_gather(row, "report all_gather").cpu()
 
 
 def param_checksum(params: Iterable[torch.Tensor]) -> tuple[float, bytes]:

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from dlion.server.comm import world_comm
 from dlion.server.ledger import Ledger
+from dlion.server.ps import ParameterServer, ServerLink, split_server
 from dlion.train import dist as tdist
 from dlion.train.config import TrainConfig, parse_config
 from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
@@ -111,6 +115,16 @@ class Progress:
 
 def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str, Any] | None:
     """Run the job on this rank; rank 0 gets the report, the others None."""
+    link, group = None, None
+    if cfg.server == "dedicated":
+        roles = split_server(transport=cfg.transport, timeout=timedelta(seconds=cfg.timeout_s))
+        if roles.is_server:
+            _serve(roles.link)
+            return None
+        # From here on the job is the workers: the server takes no part in the report.
+        workers = world_comm(roles.workers, timedelta(seconds=cfg.timeout_s), cfg.transport)
+        ctx = replace(ctx, world_size=workers.world_size, comm=workers)
+        link, group = roles.link, roles.workers
     model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads)
     corpus = load_corpus(CorpusConfig(max_bytes=cfg.data_bytes), min_bytes=cfg.context + 1)
     model = ByteGPT(model_cfg, seed=cfg.seed).to(ctx.device)
@@ -122,6 +136,9 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         betas=(cfg.beta1, cfg.beta2),
         seed=cfg.seed,
         backend=cfg.backend,
+        transport=cfg.transport,
+        process_group=group,
+        server=link,
     )
     sched = LambdaLR(_torch_optimizer(opt), warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     sampler = BatchSampler(
@@ -166,6 +183,8 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         val = score(step) if is_main and (step % cfg.eval_every == 0 or step == cfg.steps) else None
         progress.update(step, rec.train_loss[-1], opt.ledger, val)
     progress.close()
+    close = getattr(opt, "close", None)
+    server_ledger = close() if close is not None else None
 
     mean_loss, rank_loss = gather_mean_losses(ctx, rec.train_loss)
     ledgers = gather_ledger_summaries(ctx, opt.ledger.summary())
@@ -181,6 +200,18 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         ledgers=ledgers,
         identical=identical,
         param_sums=sums,
+        server_ledger=server_ledger,
+    )
+
+
+def _serve(link: ServerLink) -> None:
+    server = ParameterServer(link)
+    steps = server.serve()
+    s = server.ledger.summary()
+    print(
+        f"parameter server: served {steps} steps | sent {s['bytes_sent'] / 1e6:.2f} MB, "
+        f"received {s['bytes_received'] / 1e6:.2f} MB",
+        flush=True,
     )
 
 
@@ -201,7 +232,7 @@ def _main(argv: Sequence[str] | None) -> int:
     cfg = parse_config(argv)
     local = cfg.optimizer in LOCAL_OPTIMIZERS
     try:
-        ctx = tdist.setup(needs_group=not local, timeout_s=cfg.timeout_s)
+        ctx = tdist.setup(needs_group=not local, timeout_s=cfg.timeout_s, transport=cfg.transport)
     except ValueError as e:
         if local:
             e = ValueError(
@@ -215,7 +246,8 @@ def _main(argv: Sequence[str] | None) -> int:
     finally:
         tdist.teardown(ctx)
     if report is not None:
-        out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"{cfg.optimizer}-w{ctx.world_size}"
+        workers = report["config"]["world_size"]  # a dedicated server is not a worker
+        out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"{cfg.optimizer}-w{workers}"
         path = write_report(report, out)
         ledger = report["ledger"]
         print(

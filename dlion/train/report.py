@@ -91,6 +91,7 @@ def build_report(
     ledgers: list[dict[str, Any]],
     identical: bool,
     param_sums: list[float],
+    server_ledger: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     steps = len(rec.step_time_s)
     train_time = sum(rec.step_time_s)
@@ -113,6 +114,8 @@ def build_report(
         "step_bytes": [[s, r] for s, r in step_bytes],
         "ledger": ledgers[0],
         "ledger_by_rank": ledgers,
+        # A dedicated parameter server's own traffic (None when there is none).
+        "server_ledger": server_ledger,
         "params_identical_across_ranks": identical,
         "param_sum_by_rank": param_sums,
         "wall_time_s": rec.wall_time_s,

@@ -54,7 +54,8 @@ class DistributedLionConfig:
                   rank votes its shard, all_gather of the results: 2 (N-1)/N bits each way
                   under majority vote, whatever N. "server": a parameter server on rank
                   0 gathers the bits, votes, and broadcasts the result (1 bit up, B down
-                  per worker; N-1 times that at the server).
+                  per worker; N-1 times that at the server). DistributedLion's
+                  ``server=`` link moves the server to a process of its own.
     tie:          majority vote with an even number of workers can split evenly.
                   "random": a fair coin seeded by (seed, step, position), identical on all
                   ranks, keeps the result at 1 bit per parameter. "zero": no update on a

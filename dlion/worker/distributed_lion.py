@@ -11,19 +11,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dlion.compress.sign import result_layout
+from dlion.compress.sign import TIE_STREAM, ZERO_STREAM, result_layout
+from dlion.compress.sign_ops import CpuSignOps, TorchSignOps, ops_for
 from dlion.kernels import derive_key
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import Ledger
 from dlion.server.meta import check_fingerprint, exchange_step_meta
+from dlion.server.ps import Hello, ServerClient, ServerLink
 from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes, server_vote
 from dlion.worker.buckets import Bucket, plan_buckets
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
 from dlion.worker.lion import lion_update, run_closure
-from dlion.worker.sign_ops import CpuSignOps, TorchSignOps, ops_for
-
-# Coin streams: distinct key spaces for the zero-sign coin and the even-split tie coin.
-ZERO_STREAM, TIE_STREAM = 1, 2
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -49,7 +47,10 @@ class DistributedLion(torch.optim.Optimizer):
       4. Exchange per bucket, by ``backend``: "allgather" gathers every rank's bits
          ((N-1)/8 bytes per parameter each way); "sharded" runs all_to_all, a vote of
          this rank's shard, and an all_gather of the voted shards (2 (N-1)/N / 8 bytes
-         per parameter for a 1-bit result).
+         per parameter for a 1-bit result); "server" sends the bits to a parameter
+         server, which votes and sends the result back (1/8 byte up, B/8 down). The
+         server is rank 0 (gather, broadcast), or with ``server=`` a process of its own
+         (``dlion.server.ps``; call ``close()`` after the last step so it stops).
       5. Vote on the packed words, identical on all ranks and across backends: "majority"
          = sign of the sum (even splits by ``tie``), "average" = mean of the signs
          (counts of +1 votes, ceil(log2(N+1)) bit planes).
@@ -77,6 +78,7 @@ class DistributedLion(torch.optim.Optimizer):
         bucket_numel: int = 1 << 25,
         force_comm: bool = False,
         timeout: timedelta | None = None,
+        server: ServerLink | None = None,
     ) -> None:
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
         self.config = DistributedLionConfig(
@@ -90,6 +92,10 @@ class DistributedLion(torch.optim.Optimizer):
             force_comm=force_comm,
             timeout=timeout,
         )
+        if server is not None and backend != "server":
+            raise ValueError(
+                f"server= is a dedicated parameter server; it needs backend='server', not {backend!r}"
+            )
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
         self._flat = [(p, g) for g in self.param_groups for p in g["params"]]
         self._names = [self._param_name(i) for i in range(len(self._flat))]
@@ -110,6 +116,7 @@ class DistributedLion(torch.optim.Optimizer):
             for k, b in enumerate(self._buckets)
         ]
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
+        self._server = ServerClient(server, self.ledger) if server is not None else None
         self.steps_taken = 0  # steps that ran (skipped ones included): keys the coins
         self.skipped_steps = 0
         self._checked = False
@@ -137,7 +144,9 @@ class DistributedLion(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = run_closure(closure)
         grads = [self._checked_grad(i, p) for i, (p, _) in enumerate(self._flat)]
-        if self._comm is None or (self._comm.world_size == 1 and not self.config.force_comm):
+        # A dedicated server waits for every worker's bits, even with a single worker.
+        solo = self._server is None and not self.config.force_comm
+        if self._comm is None or (self._comm.world_size == 1 and solo):
             self._step_local(grads)
         else:
             self._step_distributed(self._comm, grads)
@@ -211,6 +220,8 @@ class DistributedLion(torch.optim.Optimizer):
             # Phase 1: local checks, and once, the fingerprint exchange.
             if not self._checked:
                 check_fingerprint(comm, [p for p, _ in self._flat], self._config_text(), self.ledger)
+                if self._server is not None:
+                    self._server.hello(self._hello(comm.world_size))
                 self._checked = True
             present = np.array([g is not None for g in grads], dtype=bool)
             bad = self._first_nonfinite(grads)
@@ -218,6 +229,8 @@ class DistributedLion(torch.optim.Optimizer):
             meta = exchange_step_meta(comm, present, bad, self.ledger)
             if meta.bad_rank >= 0 and self._nonfinite(rank=meta.bad_rank, index=meta.bad_index):
                 return
+            if self._server is not None:
+                self._server.begin_step(self.steps_taken)
             for k, bucket in enumerate(self._buckets):
                 # Phase 3: fused sign step into the bucket's send buffer.
                 send = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=self._flat[0][0].device)
@@ -262,6 +275,8 @@ class DistributedLion(torch.optim.Optimizer):
         if cfg.backend == "server":
             # Workers size the server's reply before it arrives: no length on the wire.
             planes, table = result_layout(vote=cfg.vote, tie=cfg.tie, n_workers=comm.world_size)
+            if self._server is not None:
+                return self._server.exchange(send, self._wires[k], planes), torch.from_numpy(table)
             return server_vote(
                 comm, send, self._wires[k], combine, self.ledger,
                 result_planes=planes, table=torch.from_numpy(table).to(send.device),
@@ -271,7 +286,22 @@ class DistributedLion(torch.optim.Optimizer):
     def _config_text(self) -> str:
         cfg = asdict(self.config)
         cfg.pop("timeout")
+        cfg["server"] = "dedicated" if self._server is not None else "rank 0"
         return repr(sorted(cfg.items()))
+
+    def _hello(self, n_workers: int) -> Hello:
+        cfg = self.config
+        planes, _ = result_layout(vote=cfg.vote, tie=cfg.tie, n_workers=n_workers)
+        buckets = tuple((w.nbytes, w.payload_bits_in(0, w.nbytes)) for w in self._wires)
+        return Hello(n_workers, cfg.vote, cfg.tie, cfg.seed, planes, buckets)
+
+    def close(self) -> dict[str, Any] | None:
+        """End of training: a dedicated parameter server stops once every worker closes.
+
+        Call it on every worker after the last step. Returns the server's traffic totals
+        (None without a dedicated server); calling it again returns them again.
+        """
+        return self._server.close() if self._server is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

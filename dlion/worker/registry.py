@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dlion.server.ledger import Ledger
+from dlion.server.ps import ServerLink
 from dlion.worker.config import Vote
 from dlion.worker.distributed_lion import DistributedLion
 from dlion.worker.global_opt import GlobalOptimizer
@@ -30,6 +31,7 @@ class BuildArgs:
     seed: int = 0
     backend: str = "allgather"  # where the dlion vote runs; dense baselines all-reduce
     transport: str = "torch"  # torch.distributed or mpi (mpi4py)
+    server: ServerLink | None = None  # a dedicated parameter server, for backend="server"
 
 
 Builder = Callable[[Iterable[Any], BuildArgs], Any]
@@ -69,6 +71,7 @@ def _dlion(vote: Vote) -> Builder:
             seed=a.seed,
             backend=a.backend,
             transport=a.transport,
+            server=a.server,
         )
 
     return build
@@ -104,6 +107,7 @@ def build_optimizer(
     seed: int = 0,
     backend: str = "allgather",
     transport: str = "torch",
+    server: ServerLink | None = None,
 ) -> Any:
     """The optimizer called ``name``; every one has ``.ledger``.
 
@@ -122,5 +126,6 @@ def build_optimizer(
         seed=seed,
         backend=backend,
         transport=transport,
+        server=server,
     )
     return OPTIMIZERS[name](params, args)
