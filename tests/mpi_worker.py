@@ -12,12 +12,14 @@ from mpi4py import MPI
 from test_distributed_lion import _train
 from test_server import run_dedicated
 
-CASES = [
-    ("majority", "random", "allgather"),
-    ("average", "random", "sharded"),
-    ("majority", "zero", "server"),
-]
+BACKENDS = ("allgather", "sharded", "server")
 DEDICATED_CASES = [("majority", "random"), ("average", "random")]
+
+
+def cases(world: int) -> list[tuple[str, str, str]]:
+    """Every backend x vote; tie="zero" only differs where even splits can happen."""
+    rules = [("majority", "random"), ("average", "random")] + [("majority", "zero")] * (world % 2 == 0)
+    return [(v, t, b) for v, t in rules for b in BACKENDS]
 
 
 def main() -> None:
@@ -26,7 +28,7 @@ def main() -> None:
     if sys.argv[2:] == ["dedicated"]:  # the last rank is a parameter server
         results = run_dedicated(rank, world, DEDICATED_CASES, transport="mpi")
     else:
-        results = [_train(rank, world, v, t, seed=7, backend=b, transport="mpi") for v, t, b in CASES]
+        results = [_train(rank, world, v, t, seed=7, backend=b, transport="mpi") for v, t, b in cases(world)]
     with open(os.path.join(sys.argv[1], f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(results, f)
 

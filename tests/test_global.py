@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import dlion
@@ -85,3 +86,35 @@ def test_forced_comm_at_world_size_one_equals_lion() -> None:
         opt.step()
     for a, b in zip(got, model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_all_reduce_traffic_at_any_world_size() -> None:
+    """Payload and padding need not split into N chunks each; their sum does."""
+    from dlion.server.ledger import Traffic, all_reduce_traffic
+
+    # 10 payload elements + 2 padding = 12 fp32 elements over 3 ranks: 4 per chunk.
+    sent, received = all_reduce_traffic(Traffic(payload=32 * 10, padding=32 * 2), 3)
+    assert sent == received and sent.bits == 2 * 2 * 32 * 12 // 3
+    assert sent.padding == 2 * 2 * 32 * 2 // 3 and sent.payload == sent.bits - sent.padding
+    with pytest.raises(ValueError, match="does not split into 3 whole chunks"):
+        all_reduce_traffic(Traffic(payload=32 * 10), 3)
+
+
+def _three_rank_run(rank: int, world: int) -> dict[str, object]:
+    p = torch.nn.Parameter(torch.zeros(31))  # 31 does not split into 3 chunks
+    opt = build_optimizer("lion-global", [p], lr=1e-2, weight_decay=0.0)
+    for step in range(2):
+        p.grad = torch.from_numpy(np.random.default_rng([step, rank]).standard_normal(31).astype(np.float32))
+        opt.step()
+    return {"param": p.detach().clone(), "ledger": opt.ledger.summary()}
+
+
+def test_global_baseline_at_three_ranks() -> None:
+    """The gradient buffer is padded to 33 elements so the ring's 3 chunks are whole."""
+    results = run_ok(_three_rank_run, 3)
+    for res in results:
+        assert torch.equal(res["param"], results[0]["param"])  # type: ignore[arg-type]
+        led = res["ledger"]
+        meta_bits = 2 * 8 * (4 + 1)
+        assert led["bytes_sent"] * 8 == 2 * (2 * 2 * 32 * 33 // 3 + meta_bits)  # type: ignore[index]
+        assert led["sent_bytes_by_kind"]["padding"] * 8 == 2 * (2 * 2 * 32 * 2 // 3)  # type: ignore[index]

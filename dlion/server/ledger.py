@@ -10,26 +10,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+KINDS: tuple[str, ...] = ("payload", "padding", "metadata", "indices", "scalers")
+
 
 @dataclass(frozen=True)
 class Traffic:
-    """Bits in one direction, split by what they carry."""
+    """Bits in one direction, split by what they carry.
+
+    payload: the values themselves (sign bits, ternary codes, fp32 gradients); padding:
+    alignment fill; metadata: headers and agreement exchanges; indices: positions of
+    sparse values; scalers: per-tensor scales (TernGrad).
+    """
 
     payload: int = 0
     padding: int = 0
     metadata: int = 0
+    indices: int = 0
+    scalers: int = 0
 
     @property
     def bits(self) -> int:
-        return self.payload + self.padding + self.metadata
+        return self.payload + self.padding + self.metadata + self.indices + self.scalers
 
     def __add__(self, other: Traffic) -> Traffic:
-        return Traffic(
-            self.payload + other.payload, self.padding + other.padding, self.metadata + other.metadata
-        )
+        return Traffic(*(getattr(self, k) + getattr(other, k) for k in KINDS))
 
     def __mul__(self, k: int) -> Traffic:
-        return Traffic(self.payload * k, self.padding * k, self.metadata * k)
+        return Traffic(*(getattr(self, kind) * k for kind in KINDS))
 
 
 NO_TRAFFIC = Traffic()
@@ -54,13 +61,16 @@ def all_gather_traffic(chunk: Traffic, world_size: int) -> tuple[Traffic, Traffi
 def all_reduce_traffic(buffer: Traffic, world_size: int) -> tuple[Traffic, Traffic]:
     """Ring all_reduce of a buffer of S bits: 2 (N-1)/N S each way.
 
-    The caller pads the buffer so each of its N chunks is whole, making this exact.
+    The caller pads the buffer so each of its N chunks is whole, making the total exact.
+    Which chunks carry the padding differs by rank, so padding and metadata are counted in
+    proportion (rounded down) and the payload takes the rest.
     """
     n = world_size
-    parts = (buffer.payload, buffer.padding, buffer.metadata)
-    if any(p * 2 * (n - 1) % n for p in parts):
+    if buffer.bits * 2 * (n - 1) % n:
         raise ValueError(f"all_reduce buffer {buffer} does not split into {n} whole chunks")
-    each = Traffic(*(p * 2 * (n - 1) // n for p in parts))
+    total = buffer.bits * 2 * (n - 1) // n
+    share = {k: getattr(buffer, k) * 2 * (n - 1) // n for k in KINDS[1:]}
+    each = Traffic(payload=total - sum(share.values()), **share)
     return each, each
 
 
@@ -119,10 +129,8 @@ class Ledger:
             "bytes_received": received.bits // 8,
             "bits_per_param_up": sent.bits / denom,
             "bits_per_param_down": received.bits / denom,
-            "sent_bytes_by_kind": {k: getattr(sent, k) / 8 for k in ("payload", "padding", "metadata")},
-            "received_bytes_by_kind": {
-                k: getattr(received, k) / 8 for k in ("payload", "padding", "metadata")
-            },
+            "sent_bytes_by_kind": {k: getattr(sent, k) / 8 for k in KINDS},
+            "received_bytes_by_kind": {k: getattr(received, k) / 8 for k in KINDS},
             "collectives_per_step": (sum(len(s) for s in self.steps) / steps) if steps else 0.0,
         }
 

@@ -130,8 +130,11 @@ def totals_summary(values: list[int]) -> dict[str, Any]:
         "steps": steps,
         "bytes_sent": (sp + spad + smeta) // 8,
         "bytes_received": (rp + rpad + rmeta) // 8,
-        "sent_bytes_by_kind": {"payload": sp / 8, "padding": spad / 8, "metadata": smeta / 8},
-        "received_bytes_by_kind": {"payload": rp / 8, "padding": rpad / 8, "metadata": rmeta / 8},
+        # Sign bits carry no indices or scalers.
+        "sent_bytes_by_kind": {"payload": sp / 8, "padding": spad / 8, "metadata": smeta / 8}
+        | {"indices": 0.0, "scalers": 0.0},
+        "received_bytes_by_kind": {"payload": rp / 8, "padding": rpad / 8, "metadata": rmeta / 8}
+        | {"indices": 0.0, "scalers": 0.0},
     }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dlion.server.ledger import KINDS
 from dlion.train.dist import DistContext, all_gather_rows
 
 # Ledger summary numbers gathered from every rank, in this order.
@@ -24,7 +25,7 @@ _SUMMARY_KEYS = (
     "bits_per_param_up",
     "bits_per_param_down",
 )
-_KIND_KEYS = ("payload", "padding", "metadata")
+_KIND_KEYS = KINDS
 _INT_KEYS = frozenset({"steps", "n_params", "bytes_sent", "bytes_received"})
 
 
@@ -48,8 +49,9 @@ def _summary_from_row(row: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {
         k: int(v) if k in _INT_KEYS else v for k, v in zip(_SUMMARY_KEYS, row[:n], strict=True)
     }
-    out["sent_bytes_by_kind"] = dict(zip(_KIND_KEYS, row[n : n + 3], strict=True))
-    out["received_bytes_by_kind"] = dict(zip(_KIND_KEYS, row[n + 3 : n + 6], strict=True))
+    k = len(_KIND_KEYS)
+    out["sent_bytes_by_kind"] = dict(zip(_KIND_KEYS, row[n : n + k], strict=True))
+    out["received_bytes_by_kind"] = dict(zip(_KIND_KEYS, row[n + k : n + 2 * k], strict=True))
     return out
 
 
