@@ -33,6 +33,7 @@ def simulate(
     tie: str,
     seed: int,
     bucket_numel: int,
+    cautious: bool = False,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     """Returns the final parameters and each rank's momenta."""
     n = len(grads[0])
@@ -72,6 +73,8 @@ def simulate(
                 g = group_of[s.index]
                 lo = 8 * s.byte_offset
                 u = update[lo : lo + s.numel].reshape(params[s.index].shape)
-                decay = np.float32(1.0 - g.lr * g.weight_decay)
+                decay = np.full(u.shape, 1.0 - g.lr * g.weight_decay, np.float32)
+                if cautious:  # cautious weight decay: none where update and parameter disagree
+                    decay[u * params[s.index] < 0] = 1.0
                 params[s.index] = params[s.index] * decay - np.float32(g.lr) * u
     return params, moms

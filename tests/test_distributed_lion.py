@@ -54,6 +54,7 @@ def _train(
     transport: str = "torch",
     process_group: object = None,
     server: object = None,
+    cautious_wd: bool = False,
 ) -> dict[str, object]:
     import dlion
 
@@ -71,6 +72,7 @@ def _train(
         transport=transport,
         process_group=process_group,  # type: ignore[arg-type]
         server=server,  # type: ignore[arg-type]
+        cautious_wd=cautious_wd,
     )
     grads = make_grads(world)
     for step in range(STEPS):
@@ -213,3 +215,26 @@ def test_server_ledger_matches_cost_model() -> None:
         assert worker["bytes_received"] * 8 == STEPS * (planes * bucket_bits + meta) + fp_bits
     names = {name for name, _, _ in results[0][0]["records"][1]}
     assert any(name.endswith("[server]") for name in names)
+
+
+def _cautious(rank: int, world: int) -> list[dict[str, object]]:
+    return [
+        _train(rank, world, "average", "random", seed=7, backend=b, cautious_wd=True)
+        for b in ("allgather", "sharded")
+    ]
+
+
+def test_cautious_weight_decay_matches_simulation_on_every_rank() -> None:
+    """The decay mask uses only the voted update and the parameter, both identical on all
+    ranks, so ranks stay bit-identical and equal the simulation."""
+    world = 3
+    results = run_ok(_cautious, world)
+    grads = make_grads(world)
+    kw = {"vote": "average", "tie": "random", "seed": 7, "bucket_numel": BUCKET_NUMEL}
+    expect, _ = simulate(init_params(), GROUPS, grads, cautious=True, **kw)  # type: ignore[arg-type]
+    plain, _ = simulate(init_params(), GROUPS, grads, **kw)  # type: ignore[arg-type]
+    assert any(not np.array_equal(a, b) for a, b in zip(expect, plain, strict=True))
+    for rank in range(world):
+        for res in results[rank]:
+            for a, b in zip(res["params"], expect, strict=True):  # type: ignore[call-overload]
+                assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist()

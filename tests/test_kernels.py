@@ -485,11 +485,13 @@ CASES: dict[str, Callable[[np.random.Generator, int, int], tuple[np.ndarray, np.
 }
 
 
-def check_apply(param: np.ndarray, planes: np.ndarray, table: np.ndarray, lr: float, wd: float) -> None:
+def check_apply(
+    param: np.ndarray, planes: np.ndarray, table: np.ndarray, lr: float, wd: float, cautious: bool = False
+) -> None:
     fast, ref = param.copy(), param.copy()
-    apply_update(fast, planes, table, lr, wd)
+    apply_update(fast, planes, table, lr, wd, cautious)
     with np.errstate(invalid="ignore", over="ignore"):
-        apply_update_ref(ref, planes, table, lr, wd)
+        apply_update_ref(ref, planes, table, lr, wd, cautious)
     assert_f32_identical(fast, ref)
 
 
@@ -501,6 +503,27 @@ def test_apply_update_matches_ref(case: str, n: int) -> None:
     param = special_floats(rng, n)
     check_apply(param, planes, table, 1e-3, 0.1)
     check_apply(param, planes, table, 3e-4, 0.0)
+    check_apply(param, planes, table, 1e-3, 0.1, cautious=True)
+
+
+@pytest.mark.parametrize("n", [9, 1000, CHUNK + 1])
+def test_cautious_decay_only_where_update_and_param_agree(n: int) -> None:
+    """Cautious weight decay: p*(1 - lr*wd) - lr*u where u*p >= 0, else p - lr*u."""
+    rng = rng_for(19, n)
+    planes, table = average_case(rng, 5, (n + 7) // 8)
+    param = rng.standard_normal(n).astype(np.float32)
+    param[::7] = 0.0
+    plain, cautious = param.copy(), param.copy()
+    apply_update(plain, planes, table, 0.01, 0.5)
+    apply_update(cautious, planes, table, 0.01, 0.5, cautious=True)
+    code = np.zeros(n, np.int64)
+    for b in range(planes.shape[0]):
+        code |= np.unpackbits(planes[b], count=n).astype(np.int64) << b
+    u = table[code]
+    agree = u * param >= 0
+    assert np.array_equal(cautious[agree], plain[agree])
+    undecayed = param - np.float32(0.01) * u
+    assert np.array_equal(cautious[~agree], undecayed[~agree]) and (~agree).any()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

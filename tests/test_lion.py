@@ -110,7 +110,9 @@ def test_torch_ops_equal_numba_ops(vote: str, tie: str, n: int) -> None:
         planes, table = ops.combine(gathered.clone(), vote=vote, tie=tie, tie_key=99)
         p = torch.from_numpy(np.random.default_rng(0).standard_normal(size).astype(np.float32))
         ops.apply(p, planes, table, 1e-2, 0.5)
-        outs.append((m, bits, planes, table, p))
+        q = torch.from_numpy(np.random.default_rng(1).standard_normal(size).astype(np.float32))
+        ops.apply(q, planes, table, 1e-2, 0.5, cautious=True)
+        outs.append((m, bits, planes, table, p, q))
         rng = np.random.default_rng(n)
         rng.standard_normal(size)
     for a, b in zip(*outs, strict=True):
@@ -129,3 +131,24 @@ def test_bfloat16_parameters_at_world_size_one() -> None:
     a.grad = torch.full((17,), float("nan"), dtype=torch.bfloat16)
     with pytest.raises(dlion.NonFiniteGradientError):
         dlion.DistributedLion([a]).step()
+
+
+def test_cautious_world_size_one_equals_cautious_lion() -> None:
+    from dlion import DistributedLion, Lion
+
+    rng = np.random.default_rng(5)
+    init = rng.standard_normal(500).astype(np.float32)
+    a = torch.nn.Parameter(torch.from_numpy(init.copy()))
+    b = torch.nn.Parameter(torch.from_numpy(init.copy()))
+    c = torch.nn.Parameter(torch.from_numpy(init.copy()))
+    opts = [
+        Lion([a], lr=0.01, weight_decay=0.5, cautious_wd=True),
+        DistributedLion([b], lr=0.01, weight_decay=0.5, cautious_wd=True),
+        Lion([c], lr=0.01, weight_decay=0.5),
+    ]
+    for _ in range(5):
+        g = torch.from_numpy(rng.standard_normal(500).astype(np.float32))
+        for p, opt in zip((a, b, c), opts, strict=True):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(a, b) and not torch.equal(a, c)

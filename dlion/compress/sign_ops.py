@@ -45,10 +45,16 @@ class CpuSignOps:
         return torch.from_numpy(c.planes), torch.from_numpy(c.table)
 
     def apply(
-        self, param: torch.Tensor, planes: torch.Tensor, table: torch.Tensor, lr: float, wd: float
+        self,
+        param: torch.Tensor,
+        planes: torch.Tensor,
+        table: torch.Tensor,
+        lr: float,
+        wd: float,
+        cautious: bool = False,
     ) -> None:
         flat = param.detach().view(-1) if _is_plain_f32(param) else _flat_f32(param).clone()
-        kernels.apply_update(flat.numpy(), planes.numpy(), table.numpy(), lr, wd)
+        kernels.apply_update(flat.numpy(), planes.numpy(), table.numpy(), lr, wd, cautious)
         if flat.data_ptr() != param.data_ptr():
             param.detach().copy_(flat.view_as(param))
 
@@ -124,14 +130,24 @@ class TorchSignOps:
         return win.unsqueeze(0), torch.from_numpy(MAJORITY_TABLE).to(dev)
 
     def apply(
-        self, param: torch.Tensor, planes: torch.Tensor, table: torch.Tensor, lr: float, wd: float
+        self,
+        param: torch.Tensor,
+        planes: torch.Tensor,
+        table: torch.Tensor,
+        lr: float,
+        wd: float,
+        cautious: bool = False,
     ) -> None:
         n = param.numel()
         codes = torch.zeros(n, dtype=torch.int64, device=param.device)
         for b in range(planes.shape[0]):
             codes |= _unpack(planes[b])[:n].to(torch.int64) << b
         flat = _flat_f32(param).clone()
-        flat.mul_(1.0 - lr * wd).sub_((table.to(flat.device) * lr)[codes])
+        direction = table.to(device=flat.device, dtype=torch.float32)[codes]
+        decayed = flat * (1.0 - lr * wd)
+        if cautious:
+            decayed = torch.where(direction * flat < 0, flat, decayed)
+        flat = decayed - direction * lr
         param.detach().copy_(flat.view_as(param))
 
 

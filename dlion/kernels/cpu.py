@@ -280,18 +280,24 @@ def _spread_planes(planes, byte0, nb):
 
 
 @njit(parallel=True, cache=True)
-def _apply_update(param, planes, table, lr, weight_decay):
+def _apply_update(param, planes, table, lr, weight_decay, cautious):
     # param: float32[n] (updated in place), planes: uint8[B, >= ceil(n/8)],
-    # table: float32[2^B]: param <- param*(1 - lr*wd) - lr*table[code]
+    # table: float32[2^B]: param <- param*(1 - lr*wd) - lr*table[code]; with cautious,
+    # the decay factor is 1 where table[code] and param have opposite signs.
     n = param.size
     decay = np.float32(1.0 - lr * weight_decay)
-    scaled = np.float32(lr) * table.astype(np.float32)
+    table32 = table.astype(np.float32)
+    scaled = np.float32(lr) * table32
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo, hi, nb = _chunk_bounds(c, n)
         codes = _spread_planes(planes, lo // 8, nb)
         ps = param[lo:hi]
         for k in range(hi - lo):
-            ps[k] = ps[k] * decay - scaled[codes[k]]
+            p = ps[k]
+            if cautious and table32[codes[k]] * p < 0:
+                ps[k] = p - scaled[codes[k]]
+            else:
+                ps[k] = p * decay - scaled[codes[k]]
 
 
 @njit(parallel=True, cache=True)
@@ -332,7 +338,12 @@ def lion_sign_step(
 
 
 def apply_update(
-    param: np.ndarray, planes: np.ndarray, table: np.ndarray, lr: float, weight_decay: float
+    param: np.ndarray,
+    planes: np.ndarray,
+    table: np.ndarray,
+    lr: float,
+    weight_decay: float,
+    cautious: bool = False,
 ) -> None:
     """param[k] <- param[k]*(1 - lr*wd) - lr*table[code_k]; see ``apply_update_ref``.
 
@@ -345,4 +356,4 @@ def apply_update(
         )
     if not 1 <= planes.shape[0] <= 8 or table.shape != (1 << planes.shape[0],):
         raise ValueError(f"table must have 2^B entries for B = {planes.shape[0]} planes, got {table.shape}")
-    _apply_update(param, planes, table, float(lr), float(weight_decay))
+    _apply_update(param, planes, table, float(lr), float(weight_decay), bool(cautious))

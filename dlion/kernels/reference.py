@@ -100,18 +100,28 @@ def count_planes_ref(packed: np.ndarray) -> np.ndarray:
 
 
 def apply_update_ref(
-    param: np.ndarray, planes: np.ndarray, table: np.ndarray, lr: float, weight_decay: float
+    param: np.ndarray,
+    planes: np.ndarray,
+    table: np.ndarray,
+    lr: float,
+    weight_decay: float,
+    cautious: bool = False,
 ) -> None:
     """param[k] <- param[k]*(1 - lr*wd) - lr*table[code_k] in float32, in place.
 
-    code_k = sum_b bit_k(planes[b]) << b; planes is uint8[B, >= ceil(n/8)].
+    code_k = sum_b bit_k(planes[b]) << b; planes is uint8[B, >= ceil(n/8)]. ``cautious``
+    (cautious weight decay, Chen et al. 2025) decays only where table[code_k]*param >= 0,
+    i.e. where the update and the parameter do not have opposite signs.
     """
     n = param.size
     code = np.zeros(n, dtype=np.int64)
     for b in range(planes.shape[0]):
         code |= np.unpackbits(planes[b], count=n).astype(np.int64) << b
-    decay = np.float32(1.0 - lr * weight_decay)
-    update = np.float32(lr) * np.asarray(table, dtype=np.float32)[code]
+    decay = np.full(n, 1.0 - lr * weight_decay, dtype=np.float32)
+    direction = np.asarray(table, dtype=np.float32)[code]
+    update = np.float32(lr) * direction
+    if cautious:
+        decay[direction * param < 0] = 1.0
     param[...] = param * decay - update
 
 

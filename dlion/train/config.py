@@ -19,11 +19,14 @@ from dlion.worker.registry import OPTIMIZER_NAMES
 # 3e-4..1e-3 after 200 steps and at 5e-4 after 400; adamw-global over 1e-3..1e-2 at 1e-3..3e-3.
 # Sign updates move every coordinate by lr, so Lion wants a smaller lr than AdamW and a
 # larger weight decay to keep lr * weight_decay comparable.
-_LION_LR, _ADAMW_LR = 5e-4, 2e-3
+_LION_LR, _ADAMW_LR, _SGD_LR = 5e-4, 2e-3, 0.1
 DEFAULT_LR: dict[str, float] = {
     "lion": _LION_LR,
     "dlion-mavo": _LION_LR,
     "dlion-avg": _LION_LR,
+    "signum-mavo": _LION_LR,
+    "terngrad": _SGD_LR,
+    "dgc": _SGD_LR,
     "lion-global": _LION_LR,
     "adamw-global": _ADAMW_LR,
 }
@@ -31,10 +34,22 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "lion": 0.3,
     "dlion-mavo": 0.3,
     "dlion-avg": 0.3,
+    "signum-mavo": 0.3,
+    "terngrad": 1e-4,
+    "dgc": 1e-4,
     "lion-global": 0.3,
     "adamw-global": 0.1,
 }
 
+
+# The optimizers that vote on sign bits, and so run on every backend.
+VOTING_OPTIMIZERS = frozenset({"dlion-mavo", "dlion-avg", "signum-mavo"})
+
+# Compressed baselines that aggregate by gather: no sharded vote for them.
+GATHER_BACKENDS: dict[str, tuple[str, ...]] = {
+    "terngrad": ("allgather", "server"),
+    "dgc": ("allgather", "server"),
+}
 
 # Where backend="server" runs its vote: on rank 0, or in a process of its own.
 SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
@@ -72,11 +87,16 @@ class TrainConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.server not in SERVER_PLACEMENTS:
             raise ValueError(f"server must be one of {', '.join(SERVER_PLACEMENTS)}; got {self.server!r}")
-        voting = self.optimizer.startswith("dlion-")
+        voting = self.optimizer in VOTING_OPTIMIZERS
         if self.server == "dedicated" and (self.backend != "server" or not voting):
             raise ValueError(
                 f"server='dedicated' is a parameter-server process for the dlion optimizers with "
                 f"backend='server'; got optimizer {self.optimizer!r} with backend {self.backend!r}"
+            )
+        allowed = GATHER_BACKENDS.get(self.optimizer, BACKENDS)
+        if self.backend not in allowed:
+            raise ValueError(
+                f"optimizer {self.optimizer!r} runs on backend {' or '.join(allowed)}; got {self.backend!r}"
             )
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {self.transport!r}")

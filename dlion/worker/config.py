@@ -69,6 +69,9 @@ class DistributedLionConfig:
     bucket_numel: parameters per flat bucket (one collective per bucket).
     force_comm:   communicate even with a world size of 1 (tests, benchmarks).
     timeout:      bound on every collective wait (None: the process group's timeout).
+    cautious_wd:  cautious weight decay (Chen, Li, Liang et al., 2025): decay only where the
+                  voted update and the parameter do not have opposite signs. Both are the
+                  same on every rank, so ranks stay bit-identical.
     """
 
     vote: Vote = "majority"
@@ -80,6 +83,7 @@ class DistributedLionConfig:
     bucket_numel: int = 1 << 25
     force_comm: bool = False
     timeout: timedelta | None = None
+    cautious_wd: bool = False
 
     def __post_init__(self) -> None:
         _one_of("vote", self.vote, VOTES)
@@ -93,5 +97,7 @@ class DistributedLionConfig:
             raise ValueError(f"bucket_numel must be an int, got {self.bucket_numel!r}")
         if self.bucket_numel < 128:
             raise ValueError(f"bucket_numel must be >= 128, got {self.bucket_numel!r}")
+        if not isinstance(self.cautious_wd, bool):
+            raise ValueError(f"cautious_wd must be a bool, got {self.cautious_wd!r}")
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout!r}")

@@ -54,7 +54,8 @@ class DistributedLion(torch.optim.Optimizer):
       5. Vote on the packed words, identical on all ranks and across backends: "majority"
          = sign of the sum (even splits by ``tie``), "average" = mean of the signs
          (counts of +1 votes, ceil(log2(N+1)) bit planes).
-      6. Apply: p <- p*(1 - lr*wd) - lr*update, with each param group's lr and wd.
+      6. Apply: p <- p*(1 - lr*wd) - lr*update, with each param group's lr and wd
+         (with ``cautious_wd``, no decay where the update and p have opposite signs).
 
     With world size 1 (or no process group) and ``force_comm=False``, steps 1-2 and 4-5
     are skipped and the update is exactly ``dlion.Lion``'s. ``ledger`` records every
@@ -79,6 +80,7 @@ class DistributedLion(torch.optim.Optimizer):
         force_comm: bool = False,
         timeout: timedelta | None = None,
         server: ServerLink | None = None,
+        cautious_wd: bool = False,
     ) -> None:
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
         self.config = DistributedLionConfig(
@@ -91,6 +93,7 @@ class DistributedLion(torch.optim.Optimizer):
             bucket_numel=bucket_numel,
             force_comm=force_comm,
             timeout=timeout,
+            cautious_wd=cautious_wd,
         )
         if server is not None and backend != "server":
             raise ValueError(
@@ -190,6 +193,7 @@ class DistributedLion(torch.optim.Optimizer):
                 beta1=b1,
                 beta2=b2,
                 weight_decay=group["weight_decay"],
+                cautious=self.config.cautious_wd,
             )
 
     def _first_nonfinite(self, grads: list[torch.Tensor | None]) -> int:
@@ -266,6 +270,7 @@ class DistributedLion(torch.optim.Optimizer):
                             table,
                             group["lr"],
                             group["weight_decay"],
+                            cfg.cautious_wd,
                         )
         finally:
             self.ledger.end_step()

@@ -33,11 +33,19 @@ def lion_update(
     beta1: float,
     beta2: float,
     weight_decay: float,
+    cautious: bool = False,
 ) -> None:
-    """c = b1*m + (1-b1)*g;  p <- p*(1 - lr*wd) - lr*sign(c);  m <- b2*m + (1-b2)*g."""
+    """c = b1*m + (1-b1)*g;  p <- p*(1 - lr*wd) - lr*sign(c);  m <- b2*m + (1-b2)*g.
+
+    ``cautious`` (cautious weight decay): no decay where sign(c) and p have opposite signs.
+    """
     grad = grad.to(exp_avg.dtype)
     c = exp_avg * beta1 + grad * (1.0 - beta1)
-    param.mul_(1.0 - lr * weight_decay)
+    if cautious:
+        keep = torch.sign(c).to(param.dtype) * param < 0
+        param.copy_(torch.where(keep, param, param * (1.0 - lr * weight_decay)))
+    else:
+        param.mul_(1.0 - lr * weight_decay)
     param.sub_(torch.sign(c).mul_(lr).to(param.dtype))
     exp_avg.mul_(beta2).add_(grad * (1.0 - beta2))
 
@@ -55,8 +63,11 @@ class Lion(torch.optim.Optimizer):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        *,
+        cautious_wd: bool = False,
     ) -> None:
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
+        self.cautious_wd = bool(cautious_wd)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -80,5 +91,6 @@ class Lion(torch.optim.Optimizer):
                     beta1=beta1,
                     beta2=beta2,
                     weight_decay=group["weight_decay"],
+                    cautious=self.cautious_wd,
                 )
         return loss

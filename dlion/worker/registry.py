@@ -15,9 +15,11 @@ import torch.distributed as dist
 from dlion.server.ledger import Ledger
 from dlion.server.ps import ServerLink
 from dlion.worker.config import Vote
+from dlion.worker.dgc import build_dgc
 from dlion.worker.distributed_lion import DistributedLion
 from dlion.worker.global_opt import GlobalOptimizer
 from dlion.worker.lion import Lion
+from dlion.worker.terngrad import build_terngrad
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +79,49 @@ def _dlion(vote: Vote) -> Builder:
     return build
 
 
+def _signum(params: Iterable[Any], a: BuildArgs) -> Any:
+    """Signum with majority vote (Bernstein et al., ICLR 2019, Algorithm 1).
+
+    Each worker keeps v <- b*v + (1-b)*g and sends sign(v); the server votes and every
+    worker applies x <- x - lr*(sign(sum of signs) + wd*x). That is Distributed Lion with
+    beta1 = beta2 = b: Lion's sent direction b1*m + (1-b1)*g is then Signum's new v, so the
+    same kernels, backends and ledger serve it (b = betas[0]).
+    """
+    b = a.betas[0]
+    return DistributedLion(
+        params,
+        lr=a.lr,
+        betas=(b, b),
+        weight_decay=a.weight_decay,
+        vote="majority",
+        process_group=a.process_group,
+        seed=a.seed,
+        backend=a.backend,
+        transport=a.transport,
+        server=a.server,
+    )
+
+
+def _gathering(build: Callable[..., Any], name: str) -> Builder:
+    """TernGrad and DGC: gather-based baselines with their server on rank 0 only."""
+
+    def make(params: Iterable[Any], a: BuildArgs) -> Any:
+        if a.server is not None:
+            raise ValueError(f"{name} runs its server on rank 0; a dedicated server process is for dlion")
+        return build(
+            params,
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            betas=a.betas,
+            process_group=a.process_group,
+            seed=a.seed,
+            backend=a.backend,
+            transport=a.transport,
+        )
+
+    return make
+
+
 def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
     def build(params: Iterable[Any], a: BuildArgs) -> Any:
         inner = make_inner(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
@@ -89,6 +134,9 @@ OPTIMIZERS: dict[str, Builder] = {
     "lion": _lion,
     "dlion-mavo": _dlion("majority"),
     "dlion-avg": _dlion("average"),
+    "signum-mavo": _signum,
+    "terngrad": _gathering(build_terngrad, "terngrad"),
+    "dgc": _gathering(build_dgc, "dgc"),
     "adamw-global": _global(torch.optim.AdamW),
     "lion-global": _global(Lion),
 }
