@@ -17,9 +17,10 @@ from dlion.worker.registry import OPTIMIZER_NAMES
 
 # Picked by sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best at
 # 3e-4..1e-3 after 200 steps and at 5e-4 after 400; adamw-global over 1e-3..1e-2 at 1e-3..3e-3.
+# terngrad and dgc (momentum SGD) over 0.05, 0.15, 0.5 after 150 steps: 0.05 was best for both.
 # Sign updates move every coordinate by lr, so Lion wants a smaller lr than AdamW and a
 # larger weight decay to keep lr * weight_decay comparable.
-_LION_LR, _ADAMW_LR, _SGD_LR = 5e-4, 2e-3, 0.1
+_LION_LR, _ADAMW_LR, _SGD_LR = 5e-4, 2e-3, 0.05
 DEFAULT_LR: dict[str, float] = {
     "lion": _LION_LR,
     "dlion-mavo": _LION_LR,
