@@ -175,6 +175,8 @@ def test_failing_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:
         (["--lr", "nan"], "lr must be a finite number"),
         (["--server", "dedicated"], "server='dedicated' is a parameter-server process"),
         (["--transport", "tcp"], "invalid choice: 'tcp'"),
+        (["--optimizer", "adamw-global", "--cautious-wd"], "cautious weight decay is an option of"),
+        (["--cautious-wd", "maybe"], "expected true or false, got 'maybe'"),
     ],
 )
 def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:
@@ -259,3 +261,10 @@ def test_warmup_cosine_schedule() -> None:
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(4, 30))
+
+
+def test_cautious_flag_round_trips_through_the_worker_argv() -> None:
+    cfg = parse_config(["--optimizer", "dlion-mavo", "--cautious-wd"])
+    assert cfg.cautious_wd is True
+    assert parse_config(cfg.to_argv()) == cfg
+    assert parse_config([]).cautious_wd is False

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dlion.worker.config import BACKENDS, TRANSPORTS
-from dlion.worker.registry import OPTIMIZER_NAMES
+from dlion.worker.registry import CAUTIOUS, OPTIMIZER_NAMES
 
 # Picked by sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best at
 # 3e-4..1e-3 after 200 steps and at 5e-4 after 400; adamw-global over 1e-3..1e-2 at 1e-3..3e-3.
@@ -45,6 +45,9 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
 
 # The optimizers that vote on sign bits, and so run on every backend.
 VOTING_OPTIMIZERS = frozenset({"dlion-mavo", "dlion-avg", "signum-mavo"})
+
+# The optimizers with a cautious weight decay option (sign updates: Lion and the votes).
+CAUTIOUS_OPTIMIZERS = frozenset(CAUTIOUS)
 
 # Compressed baselines that aggregate by gather: no sharded vote for them.
 GATHER_BACKENDS: dict[str, tuple[str, ...]] = {
@@ -81,6 +84,7 @@ class TrainConfig:
     backend: str = "allgather"
     server: str = "rank0"
     transport: str = "torch"
+    cautious_wd: bool = False
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +102,13 @@ class TrainConfig:
         if self.backend not in allowed:
             raise ValueError(
                 f"optimizer {self.optimizer!r} runs on backend {' or '.join(allowed)}; got {self.backend!r}"
+            )
+        if not isinstance(self.cautious_wd, bool):
+            raise ValueError(f"cautious_wd must be a bool, got {self.cautious_wd!r}")
+        if self.cautious_wd and self.optimizer not in CAUTIOUS_OPTIMIZERS:
+            raise ValueError(
+                f"cautious weight decay is an option of {', '.join(sorted(CAUTIOUS_OPTIMIZERS))}; "
+                f"got optimizer {self.optimizer!r}"
             )
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {self.transport!r}")
@@ -164,6 +175,15 @@ def _check_float(
         raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
 
 
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The job's flags; shared by ``python -m dlion.train`` and ``dlion train``."""
     d = TrainConfig()
@@ -183,6 +203,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.server,
         help="with --backend server: the server on rank 0, or a dedicated process that trains "
         "nothing (one process more than --workers) (default: %(default)s)",
+    )
+    a(
+        "--cautious-wd",
+        type=_parse_bool,
+        nargs="?",
+        const=True,
+        default=d.cautious_wd,
+        metavar="BOOL",
+        help="cautious weight decay (Chen et al. 2025): decay only where the update and the "
+        "parameter agree in sign; Lion and the voting optimizers (default: %(default)s)",
     )
     a(
         "--transport",

@@ -139,6 +139,7 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         transport=cfg.transport,
         process_group=group,
         server=link,
+        cautious_wd=cfg.cautious_wd,
     )
     sched = LambdaLR(_torch_optimizer(opt), warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     sampler = BatchSampler(

@@ -34,6 +34,7 @@ class BuildArgs:
     backend: str = "allgather"  # where the dlion vote runs; dense baselines all-reduce
     transport: str = "torch"  # torch.distributed or mpi (mpi4py)
     server: ServerLink | None = None  # a dedicated parameter server, for backend="server"
+    cautious_wd: bool = False  # Lion and the voting optimizers only
 
 
 Builder = Callable[[Iterable[Any], BuildArgs], Any]
@@ -58,7 +59,8 @@ def _lion(params: Iterable[Any], a: BuildArgs) -> Any:
         raise ValueError(
             "optimizer 'lion' is single-process; use 'lion-global' or 'dlion-mavo' with N workers"
         )
-    return LocalOptimizer(Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay))
+    lion = Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, cautious_wd=a.cautious_wd)
+    return LocalOptimizer(lion)
 
 
 def _dlion(vote: Vote) -> Builder:
@@ -74,6 +76,7 @@ def _dlion(vote: Vote) -> Builder:
             backend=a.backend,
             transport=a.transport,
             server=a.server,
+            cautious_wd=a.cautious_wd,
         )
 
     return build
@@ -99,6 +102,7 @@ def _signum(params: Iterable[Any], a: BuildArgs) -> Any:
         backend=a.backend,
         transport=a.transport,
         server=a.server,
+        cautious_wd=a.cautious_wd,
     )
 
 
@@ -141,6 +145,7 @@ OPTIMIZERS: dict[str, Builder] = {
     "lion-global": _global(Lion),
 }
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
+CAUTIOUS: tuple[str, ...] = ("lion", "dlion-mavo", "dlion-avg", "signum-mavo")
 DEFAULT_BETAS: dict[str, tuple[float, float]] = {"adamw-global": (0.9, 0.999)}
 
 
@@ -156,6 +161,7 @@ def build_optimizer(
     backend: str = "allgather",
     transport: str = "torch",
     server: ServerLink | None = None,
+    cautious_wd: bool = False,
 ) -> Any:
     """The optimizer called ``name``; every one has ``.ledger``.
 
@@ -175,5 +181,8 @@ def build_optimizer(
         backend=backend,
         transport=transport,
         server=server,
+        cautious_wd=cautious_wd,
     )
+    if cautious_wd and name not in CAUTIOUS:
+        raise ValueError(f"cautious_wd is an option of {', '.join(CAUTIOUS)}; got optimizer {name!r}")
     return OPTIMIZERS[name](params, args)
