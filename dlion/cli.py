@@ -71,4 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return launch_mpi(processes, cfg.to_argv())
         except FileNotFoundError as e:
             train.error(str(e))
-    return launch_local(processes, cfg.to_argv())
+    server_rank = workers if cfg.server == "dedicated" else None
+    return launch_local(processes, cfg.to_argv(), server_rank=server_rank)

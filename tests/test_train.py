@@ -268,3 +268,11 @@ def test_cautious_flag_round_trips_through_the_worker_argv() -> None:
     assert cfg.cautious_wd is True
     assert parse_config(cfg.to_argv()) == cfg
     assert parse_config([]).cautious_wd is False
+
+
+def test_launcher_names_a_failed_server_as_the_server() -> None:
+    from dlion.launch.local import WorkerFailure
+
+    failure = WorkerFailure(rank=2, returncode=1, error="WorkerLost: ...", time=0.0)
+    assert failure.describe(server_rank=2).startswith("the parameter server rank 2 failed with exit code 1")
+    assert failure.describe().startswith("worker rank 2 failed")

@@ -35,13 +35,14 @@ class WorkerFailure:
     error: str | None  # the worker's own account, from its error file
     time: float  # when it failed, by its error file, else when the launcher saw it
 
-    def describe(self) -> str:
+    def describe(self, server_rank: int | None = None) -> str:
+        who = "the parameter server" if self.rank == server_rank else "worker"
         how = (
             f"was killed by {signal.Signals(-self.returncode).name}"
             if self.returncode < 0 and -self.returncode in signal.valid_signals()
             else f"failed with exit code {self.returncode}"
         )
-        return f"worker rank {self.rank} {how}" + (f": {self.error}" if self.error else "")
+        return f"{who} rank {self.rank} {how}" + (f": {self.error}" if self.error else "")
 
 
 class _Interrupted(Exception):
@@ -70,7 +71,7 @@ def worker_env(rank: int, workers: int, scratch: Path, base: dict[str, str] | No
     return env
 
 
-def launch_local(workers: int, argv: list[str]) -> int:
+def launch_local(workers: int, argv: list[str], *, server_rank: int | None = None) -> int:
     """Run ``python -m dlion.train *argv`` on ``workers`` local ranks; 0 if all of them succeed.
 
     On the first failure the other workers are stopped and the failing rank's exit status
@@ -98,7 +99,8 @@ def launch_local(workers: int, argv: list[str]) -> int:
                 signal.signal(signal.SIGTERM, previous)
     if failure is None:
         return 0
-    print(f"dlion: {failure.describe()}; the other workers were stopped", file=sys.stderr, flush=True)
+    message = f"dlion: {failure.describe(server_rank)}; the other processes were stopped"
+    print(message, file=sys.stderr, flush=True)
     # Popen reports death by signal k as -k; a shell would say 128 + k.
     return failure.returncode if failure.returncode > 0 else 128 - failure.returncode
 
