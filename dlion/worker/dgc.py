@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -14,11 +13,16 @@ from dlion.compress import dgc as codec
 from dlion.kernels import derive_key
 from dlion.server.comm import world_comm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic
-from dlion.server.meta import check_fingerprint, exchange_step_meta
 from dlion.server.ordered import ordered_all_reduce_mean, ring_all_gather
+from dlion.worker.agreement import (
+    agree_on_step,
+    config_text,
+    counters_state,
+    raise_nonfinite,
+    restore_counters,
+)
 from dlion.worker.dgc_config import DGCConfig, check_value, is_number
 from dlion.worker.dgc_update import clip_factor, momentum_correction, momentum_sgd_apply, take_sent
-from dlion.worker.distributed_lion import NonFiniteGradientError
 from dlion.worker.lion import run_closure
 
 __all__ = [
@@ -120,22 +124,17 @@ class DGC(torch.optim.Optimizer):
         # Phase 1: agree on the live tensors and on what a non-finite gradient does.
         present = np.array([g is not None for g in grads], dtype=bool)
         bad = next((i for i, g in enumerate(grads) if g is not None and not torch.isfinite(g).all()), -1)
-        bad_rank, bad_index = (0, bad) if bad >= 0 else (-1, -1)
-        if comm is not None:
-            if not self._checked:
-                check_fingerprint(comm, [p for p, _ in self._flat], self._config_text(), self.ledger)
-                self._checked = True
-            meta = exchange_step_meta(comm, present, bad, self.ledger)
-            present, bad_rank, bad_index = meta.present, meta.bad_rank, meta.bad_index
-        if bad_rank >= 0:
-            if cfg.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or Inf) on rank {bad_rank}, parameter #{bad_index} at step "
-                    f"{self.steps_taken}; pass nonfinite='skip' to skip such steps on all ranks"
-                )
+        meta = agree_on_step(
+            comm, check=not self._checked, params=[p for p, _ in self._flat], text=self._config_text(),
+            present=present, bad=bad, ledger=self.ledger,
+        )  # fmt: skip
+        self._checked = comm is not None
+        if meta.bad_rank >= 0:
+            where = f"rank {meta.bad_rank}, parameter #{meta.bad_index}"
+            raise_nonfinite(cfg.nonfinite, where=where, step=self.steps_taken)
             self.skipped_steps += 1
             return
-        live = [int(t) for t in np.flatnonzero(present)]
+        live = [int(t) for t in np.flatnonzero(meta.present)]
         if not live:
             return
         # Phase 2: local gradient clipping.
@@ -272,22 +271,15 @@ class DGC(torch.optim.Optimizer):
         return g
 
     def _config_text(self) -> str:
-        cfg = asdict(self.config)
-        cfg.pop("timeout")
-        return repr(sorted(cfg.items()))
+        return config_text(self.config)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["dgc"] = {"steps_taken": self.steps_taken, "skipped_steps": self.skipped_steps}
+        sd["dgc"] = counters_state(self)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("dgc", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self.steps_taken = int(extra["steps_taken"])
-            self.skipped_steps = int(extra["skipped_steps"])
+        super().load_state_dict(restore_counters(self, state_dict, "dgc"))
 
 
 def build_dgc(

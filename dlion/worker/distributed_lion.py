@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
@@ -19,13 +18,18 @@ from dlion.server.ledger import Ledger
 from dlion.server.meta import check_fingerprint, exchange_step_meta
 from dlion.server.ps import Hello, ServerClient, ServerLink
 from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes, server_vote
+from dlion.worker.agreement import (
+    NonFiniteGradientError,
+    config_text,
+    counters_state,
+    raise_nonfinite,
+    restore_counters,
+)
 from dlion.worker.buckets import Bucket, plan_buckets
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
 from dlion.worker.lion import lion_update, run_closure
 
-
-class NonFiniteGradientError(FloatingPointError):
-    """A rank produced a NaN or Inf gradient; raised on every rank."""
+__all__ = ["DistributedLion", "NonFiniteGradientError"]  # the error lives in agreement
 
 
 class DistributedLion(torch.optim.Optimizer):
@@ -208,11 +212,7 @@ class DistributedLion(torch.optim.Optimizer):
     def _nonfinite(self, *, rank: int, index: int) -> bool:
         """Raise, or return True to skip the step; the same on every rank."""
         where = f"rank {rank}, {self._names[index]}"
-        if self.config.nonfinite == "raise":
-            raise NonFiniteGradientError(
-                f"non-finite gradient (NaN or Inf) on {where} at step {self.steps_taken}; "
-                "pass nonfinite='skip' to skip such steps on all ranks"
-            )
+        raise_nonfinite(self.config.nonfinite, where=where, step=self.steps_taken)
         self.skipped_steps += 1
         return True
 
@@ -289,10 +289,7 @@ class DistributedLion(torch.optim.Optimizer):
         return TOPOLOGIES[cfg.backend](comm, send, self._wires[k], combine, self.ledger)
 
     def _config_text(self) -> str:
-        cfg = asdict(self.config)
-        cfg.pop("timeout")
-        cfg["server"] = "dedicated" if self._server is not None else "rank 0"
-        return repr(sorted(cfg.items()))
+        return config_text(self.config, server="dedicated" if self._server is not None else "rank 0")
 
     def _hello(self, n_workers: int) -> Hello:
         cfg = self.config
@@ -310,18 +307,8 @@ class DistributedLion(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["dlion"] = {
-            "steps_taken": self.steps_taken,
-            "skipped_steps": self.skipped_steps,
-            "world_size": self.world_size,
-            "rank": self.rank,
-        }
+        sd["dlion"] = counters_state(self) | {"world_size": self.world_size, "rank": self.rank}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("dlion", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self.steps_taken = int(extra["steps_taken"])
-            self.skipped_steps = int(extra["skipped_steps"])
+        super().load_state_dict(restore_counters(self, state_dict, "dlion"))

@@ -6,7 +6,7 @@ A table of builders, not an if/elif chain: adding a baseline is adding a row.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -91,19 +91,7 @@ def _signum(params: Iterable[Any], a: BuildArgs) -> Any:
     same kernels, backends and ledger serve it (b = betas[0]).
     """
     b = a.betas[0]
-    return DistributedLion(
-        params,
-        lr=a.lr,
-        betas=(b, b),
-        weight_decay=a.weight_decay,
-        vote="majority",
-        process_group=a.process_group,
-        seed=a.seed,
-        backend=a.backend,
-        transport=a.transport,
-        server=a.server,
-        cautious_wd=a.cautious_wd,
-    )
+    return _dlion("majority")(params, replace(a, betas=(b, b)))
 
 
 def _gathering(build: Callable[..., Any], name: str) -> Builder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -16,9 +16,14 @@ from dlion.compress import terngrad as codec
 from dlion.kernels.cpu import all_finite
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
-from dlion.server.meta import check_fingerprint, exchange_step_meta
+from dlion.worker.agreement import (
+    agree_on_step,
+    config_text,
+    counters_state,
+    raise_nonfinite,
+    restore_counters,
+)
 from dlion.worker.config import NONFINITE, TRANSPORTS, check_lion_hyperparameters
-from dlion.worker.distributed_lion import NonFiniteGradientError
 from dlion.worker.lion import run_closure
 
 TernBackend = Literal["allgather", "server"]
@@ -167,22 +172,17 @@ class TernGrad:
         """Indices of the tensors to update, the same on every rank; None to skip the step."""
         present = np.array([g is not None for g in grads], dtype=bool)
         bad = next((i for i, g in enumerate(grads) if g is not None and not all_finite(g)), -1)
-        bad_rank, bad_index = (0, bad) if bad >= 0 else (-1, -1)
-        if comm is not None:
-            if not self._checked:
-                check_fingerprint(comm, self._flat, self._config_text(), self.ledger)
-                self._checked = True
-            meta = exchange_step_meta(comm, present, bad, self.ledger)
-            present, bad_rank, bad_index = meta.present, meta.bad_rank, meta.bad_index
-        if bad_rank >= 0:
-            if self.config.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or Inf) on rank {bad_rank}, parameter #{bad_index} at step "
-                    f"{self.steps_taken}; pass nonfinite='skip' to skip such steps on all ranks"
-                )
+        meta = agree_on_step(
+            comm, check=not self._checked, params=self._flat, text=self._config_text(),
+            present=present, bad=bad, ledger=self.ledger,
+        )  # fmt: skip
+        self._checked = comm is not None
+        if meta.bad_rank >= 0:
+            where = f"rank {meta.bad_rank}, parameter #{meta.bad_index}"
+            raise_nonfinite(self.config.nonfinite, where=where, step=self.steps_taken)
             self.skipped_steps += 1
             return None
-        return [int(i) for i in np.flatnonzero(present)]
+        return [int(i) for i in np.flatnonzero(meta.present)]
 
     def _local_scalers(self, grads: list[np.ndarray | None]) -> np.ndarray:
         """float32[T]; a tensor without a local gradient counts as zeros (scaler 0)."""
@@ -242,22 +242,15 @@ class TernGrad:
                 p.grad.copy_(g)
 
     def _config_text(self) -> str:
-        cfg = asdict(self.config)
-        cfg.pop("timeout")
-        return repr(sorted(cfg.items()))
+        return config_text(self.config)
 
     def state_dict(self) -> dict[str, Any]:
         sd = self.inner.state_dict()
-        sd["terngrad"] = {"steps_taken": self.steps_taken, "skipped_steps": self.skipped_steps}
+        sd["terngrad"] = counters_state(self)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("terngrad", None)
-        self.inner.load_state_dict(state_dict)
-        if extra is not None:
-            self.steps_taken = int(extra["steps_taken"])
-            self.skipped_steps = int(extra["skipped_steps"])
+        self.inner.load_state_dict(restore_counters(self, state_dict, "terngrad"))
 
 
 def build_terngrad(

@@ -1,0 +1,75 @@
+"""What every communicating optimizer does to stay in step with the other ranks.
+
+DistributedLion, TernGrad and DGC share it: the config text the ranks compare at the
+first step, the non-finite policy applied alike on every rank, the agreement on which
+tensors have a gradient, and the step counters that key every rank's random draws and
+travel in the optimizer's state_dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from dlion.server.ledger import Ledger
+from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
+
+COUNTERS = ("steps_taken", "skipped_steps")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A rank produced a NaN or Inf gradient; raised on every rank."""
+
+
+def config_text(config: Any, **extra: object) -> str:
+    """The config as ranks compare it: every field but the timeout, which may differ."""
+    fields = asdict(config)
+    fields.pop("timeout")
+    fields.update(extra)
+    return repr(sorted(fields.items()))
+
+
+def raise_nonfinite(policy: str, *, where: str, step: int) -> None:
+    """Raise under nonfinite="raise"; under "skip" return, and the caller skips the step."""
+    if policy == "raise":
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN or Inf) on {where} at step {step}; "
+            "pass nonfinite='skip' to skip such steps on all ranks"
+        )
+
+
+def agree_on_step(
+    comm: Any,
+    *,
+    check: bool,
+    params: Sequence[torch.Tensor],
+    text: str,
+    present: np.ndarray,
+    bad: int,
+    ledger: Ledger,
+) -> StepMeta:
+    """The fingerprint exchange (when ``check``), then the step metadata; without a comm,
+    this rank's own view."""
+    if comm is None:
+        return StepMeta(present, 0 if bad >= 0 else -1, bad)
+    if check:
+        check_fingerprint(comm, params, text, ledger)
+    return exchange_step_meta(comm, present, bad, ledger)
+
+
+def counters_state(opt: Any) -> dict[str, int]:
+    return {name: int(getattr(opt, name)) for name in COUNTERS}
+
+
+def restore_counters(opt: Any, state_dict: dict[str, Any], key: str) -> dict[str, Any]:
+    """Set the counters from ``state_dict[key]`` (if saved); the rest of the state_dict."""
+    state_dict = dict(state_dict)
+    extra = state_dict.pop(key, None)
+    if extra is not None:
+        for name in COUNTERS:
+            setattr(opt, name, int(extra[name]))
+    return state_dict
