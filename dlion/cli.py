@@ -1,10 +1,12 @@
 """The ``dlion`` command.
 
     dlion train --workers N --optimizer NAME [--steps ...] [--out DIR] [train flags]
+    dlion cluster --hosts H --procs-per-host K --rate 1gbit [train flags]
 
 ``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local), or,
 with ``--transport mpi``, as many ranks under mpiexec (dlion.launch.mpi). ``--server
-dedicated`` adds one process, the parameter server.
+dedicated`` adds one process, the parameter server. ``dlion cluster`` runs the job on H
+emulated hosts joined by rate-limited links (dlion.launch.netcluster; needs root).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 from dlion.launch.local import launch_local
 from dlion.launch.mpi import launch_mpi
+from dlion.launch.netcluster import add_cluster_arguments, run_cluster
 from dlion.train.config import add_train_arguments, config_from_args
 from dlion.train.loop import LOCAL_OPTIMIZERS
 
@@ -24,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     return _parsers()[0]
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The top-level parser and its ``train`` subparser (which reports train's errors)."""
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its ``train`` and ``cluster`` subparsers (each reports its errors)."""
     parser = argparse.ArgumentParser(
         prog="dlion", description="Distributed Lion: 1-bit distributed training."
     )
@@ -44,12 +47,25 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         f"else {DEFAULT_WORKERS})",
     )
     add_train_arguments(train)
-    return parser, train
+    cluster = sub.add_parser(
+        "cluster",
+        help="train on H emulated hosts: network namespaces on a bridge, links shaped by tc tbf (root)",
+        description="Train on H emulated hosts (network namespaces joined by a bridge, each link limited "
+        "by tc tbf), K torchrun workers per host; adds each host's interface bytes beside the ledger's "
+        "to OUT/report.json and removes the network on every exit. Needs root.",
+    )
+    add_cluster_arguments(cluster)
+    return parser, train, cluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, train = _parsers()
+    parser, train, cluster = _parsers()
     args = parser.parse_args(argv)
+    if args.command == "cluster":
+        try:
+            return run_cluster(args)
+        except ValueError as e:
+            cluster.error(str(e))
     workers = args.workers
     if workers is None:
         workers = 1 if args.optimizer in LOCAL_OPTIMIZERS else DEFAULT_WORKERS

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import math
 import os
-import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -133,24 +133,24 @@ def test_lion_one_worker(tmp_path: Path) -> None:
     assert report["step_bytes"] == [] and report["ledger"]["bytes_sent"] == 0
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_torchrun_entry_point(tmp_path: Path) -> None:
+def test_torchrun_c10d_rendezvous_gives_the_same_report(tmp_path: Path) -> None:
+    """`torchrun --rdzv-backend c10d` runs the entry point unchanged: the report of `dlion train`."""
     out = tmp_path / "run"
-    cmd = [
-        "torchrun",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "dlion.train",
-        "--optimizer",
-        "dlion-avg",
-    ]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t"]
+    cmd += ["-m", "dlion.train", "--optimizer", "dlion-avg"]
     proc = _run([*cmd, *TINY, "--out", str(out)], env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     _check_common(report, 2, "dlion-avg")
     _check_bytes(report)
+    assert report["config"]["dist_backend"] == "gloo"  # no GPU here
+    local = _train(tmp_path / "local", 2, "dlion-avg")
+    assert report.keys() == local.keys()
+    assert report["param_sha256"] == local["param_sha256"] and report["ledger"] == local["ledger"]
 
 
 def test_failing_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ class WorkerFailure:
         return f"{who} rank {self.rank} {how}" + (f": {self.error}" if self.error else "")
 
 
-class _Interrupted(Exception):
+class Interrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -83,18 +83,18 @@ def launch_local(workers: int, argv: list[str], *, server_rank: int | None = Non
     procs: list[subprocess.Popen[bytes]] = []
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        previous = signal.signal(signal.SIGTERM, raise_interrupted)
     with tempfile.TemporaryDirectory(prefix="dlion-launch-") as tmp:
         scratch = Path(tmp)
         try:
             for rank in range(workers):
                 procs.append(subprocess.Popen(cmd, env=worker_env(rank, workers, scratch)))
             failure = _supervise(procs, scratch)
-        except (KeyboardInterrupt, _Interrupted) as e:
+        except (KeyboardInterrupt, Interrupted) as e:
             print(f"dlion: interrupted ({e or 'SIGINT'}); stopping {workers} worker(s)", file=sys.stderr)
             return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
         finally:
-            _stop(procs)
+            stop_processes(procs)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
     if failure is None:
@@ -114,14 +114,14 @@ def _supervise(procs: list[subprocess.Popen[bytes]], scratch: Path) -> WorkerFai
             seen = time.time()
             # Several ranks can be found dead in one poll: a fault on one breaks the others'
             # connections. The earliest error file names the cause.
-            failures = [_failure(rank, codes[rank], scratch, seen) for rank in failed]
+            failures = [read_failure(rank, codes[rank], scratch, seen) for rank in failed]
             return min(failures, key=lambda f: (f.time, f.rank))
         if all(code == 0 for code in codes):
             return None
         time.sleep(POLL_S)
 
 
-def _failure(rank: int, code: int | None, scratch: Path, seen: float) -> WorkerFailure:
+def read_failure(rank: int, code: int | None, scratch: Path, seen: float) -> WorkerFailure:
     assert code is not None
     try:
         record = json.loads((scratch / f"error-rank{rank}.json").read_text())
@@ -131,7 +131,7 @@ def _failure(rank: int, code: int | None, scratch: Path, seen: float) -> WorkerF
         return WorkerFailure(rank, code, None, seen)
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
     """SIGTERM every live worker, then SIGKILL whatever outlives the grace period."""
     for p in procs:
         if p.poll() is None:
@@ -145,5 +145,5 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise _Interrupted(signum)
+def raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)

@@ -135,5 +135,36 @@ class Ledger:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        sent, received = self.totals()
-        return {"steps": len(self.steps), "bits_sent": sent.bits, "bits_received": received.bits}
+        """Every record as plain lists and ints, so a checkpoint loads with ``weights_only=True``."""
+        return {
+            "n_params": self.n_params,
+            "steps": [[_record_row(r) for r in recs] for recs in self.steps],
+            "extra": [_record_row(r) for r in self.extra],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the records with those of ``state``; the parameter count must match."""
+        if int(state["n_params"]) != self.n_params:
+            raise ValueError(
+                f"ledger state counts {state['n_params']} parameters, this optimizer has {self.n_params}"
+            )
+        self.steps = [[_record_from_row(row) for row in recs] for recs in state["steps"]]
+        self.extra = [_record_from_row(row) for row in state["extra"]]
+        self._open = None
+
+
+def _record_row(r: CollectiveRecord) -> list[Any]:
+    return [
+        r.name,
+        r.op,
+        r.world_size,
+        [getattr(r.sent, k) for k in KINDS],
+        [getattr(r.received, k) for k in KINDS],
+    ]
+
+
+def _record_from_row(row: list[Any]) -> CollectiveRecord:
+    name, op, world_size, sent, received = row
+    return CollectiveRecord(
+        str(name), str(op), int(world_size), Traffic(*map(int, sent)), Traffic(*map(int, received))
+    )

@@ -85,6 +85,8 @@ class TrainConfig:
     server: str = "rank0"
     transport: str = "torch"
     cautious_wd: bool = False
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -124,15 +126,16 @@ class TrainConfig:
             "layers",
             "heads",
         ):
-            _check_int(name, getattr(self, name), low=1)
-        _check_int("warmup_steps", self.warmup_steps, low=0)
-        _check_int("seed", self.seed, low=0)
-        _check_int("data_bytes", self.data_bytes, low=1024)
+            check_int(name, getattr(self, name), low=1)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        check_int("checkpoint_every", self.checkpoint_every, low=0)
+        check_int("seed", self.seed, low=0)
+        check_int("data_bytes", self.data_bytes, low=1024)
         for name in ("lr", "weight_decay", "timeout_s"):
-            _check_float(name, getattr(self, name), low=0.0, low_open=name != "weight_decay")
+            check_float(name, getattr(self, name), low=0.0, low_open=name != "weight_decay")
         for name in ("beta1", "beta2"):
-            _check_float(name, getattr(self, name), low=0.0, high=1.0)
-        _check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, high_open=False)
+            check_float(name, getattr(self, name), low=0.0, high=1.0)
+        check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, high_open=False)
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
 
@@ -148,12 +151,12 @@ class TrainConfig:
         return asdict(self)
 
 
-def _check_int(name: str, value: object, *, low: int) -> None:
+def check_int(name: str, value: object, *, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
-def _check_float(
+def check_float(
     name: str,
     value: object,
     *,
@@ -251,6 +254,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.timeout_s,
         help="bound on every collective wait (default: %(default)s)",
+    )
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="steps between checkpoints; 0: only at the end (default: %(default)s)",
+    )
+    a(
+        "--checkpoint-dir",
+        default=None,
+        help="a folder every rank can reach: checkpoint there, and resume from its latest "
+        "checkpoint when there is one (default: no checkpoints)",
     )
     a("--out", default=None, help="report directory (default: runs/<optimizer>-w<world size>)")
 

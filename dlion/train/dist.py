@@ -120,6 +120,22 @@ def setup(*, needs_group: bool, timeout_s: float, transport: str = "torch") -> D
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend, True, comm)
 
 
+def joined(device: torch.device, timeout_s: float) -> DistContext:
+    """The context of a process group someone else made (Ray Train's TorchTrainer).
+
+    The launcher owns the group and the device choice (Ray narrows CUDA_VISIBLE_DEVICES to
+    the worker's GPUs), so both are taken as given; local ranks come from torchrun's variables.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("joined() needs an initialised torch.distributed process group")
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    local_rank = _env_int("LOCAL_RANK", rank)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    comm = TorchComm(None, timedelta(seconds=timeout_s))
+    backend = str(dist.get_backend())
+    return DistContext(rank, world_size, local_rank, local_world_size, device, backend, True, comm)
+
+
 def _setup_mpi(timeout_s: float) -> DistContext:
     from mpi4py import MPI
 
@@ -144,10 +160,15 @@ def _device(local_rank: int) -> torch.device:
 
 
 def record_failure(exc: BaseException) -> None:
-    """Write the failure's time and message to $DLION_ERROR_FILE, when the launcher set one."""
+    """Write the failure's time and message to $DLION_ERROR_FILE, when the launcher set one.
+
+    ``{rank}`` in the path becomes this process's RANK: torchrun gives all its workers one
+    environment, and each still needs a file of its own.
+    """
     path = os.environ.get(ERROR_FILE_ENV)
     if path is None:
         return
+    path = path.replace("{rank}", os.environ.get("RANK", "0"))
     if isinstance(exc, SystemExit):
         message = exc.code if isinstance(exc.code, str) else f"exit status {exc.code}"
     else:
@@ -182,10 +203,11 @@ def param_checksum(params: Iterable[torch.Tensor]) -> tuple[float, bytes]:
     return total, h.digest()
 
 
-def params_identical(ctx: DistContext, params: Iterable[torch.Tensor]) -> tuple[bool, list[float]]:
-    """Whether every rank holds the same parameter bytes, and each rank's float64 sum."""
+def params_identical(ctx: DistContext, params: Iterable[torch.Tensor]) -> tuple[bool, list[float], str]:
+    """Whether every rank holds the same parameter bytes, each rank's float64 sum, and the
+    SHA-256 (hex) of this rank's bytes."""
     total, digest = param_checksum(params)
     sums = all_gather_rows(ctx, torch.tensor([total], dtype=torch.float64))[:, 0].tolist()
     digests = all_gather_rows(ctx, torch.frombuffer(bytearray(digest), dtype=torch.uint8))
     same = bool((digests == digests[0]).all())
-    return same, sums
+    return same, sums, digest.hex()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -20,15 +19,16 @@ from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm import tqdm
 
 from dlion.server.comm import world_comm
 from dlion.server.ledger import Ledger
 from dlion.server.ps import ParameterServer, ServerLink, split_server
 from dlion.train import dist as tdist
+from dlion.train.checkpoint import CheckpointStore, DirStore, TrainParts, load_parts, save_parts
 from dlion.train.config import TrainConfig, parse_config
 from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
 from dlion.train.model import ByteGPT, ModelConfig
+from dlion.train.progress import Progress
 from dlion.train.report import (
     RunRecord,
     build_report,
@@ -42,6 +42,8 @@ from dlion.worker.registry import build_optimizer
 # check that the launcher stops the job and names the rank.
 FAULT_RANK_ENV = "DLION_FAULT_RANK"
 FAULT_STEP_ENV = "DLION_FAULT_STEP"
+# With this set to a path, the fault fires once: a restarted job (Ray, torchrun) goes on.
+FAULT_ONCE_ENV = "DLION_FAULT_ONCE_FILE"
 
 # Optimizers that run without a process group, and refuse a world size > 1.
 LOCAL_OPTIMIZERS = frozenset({"lion"})
@@ -77,44 +79,26 @@ def evaluate(model: ByteGPT, batches: list[tuple[torch.Tensor, torch.Tensor]], d
 
 
 def _inject_fault(rank: int, step: int) -> None:
-    if os.environ.get(FAULT_RANK_ENV) == str(rank) and os.environ.get(FAULT_STEP_ENV, "0") == str(step):
-        raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_RANK_ENV})")
-
-
-class Progress:
-    """tqdm on a terminal; a plain line every tenth of the run when the output is a file."""
-
-    def __init__(self, steps: int, enabled: bool) -> None:
-        self.steps = steps
-        self.enabled = enabled
-        self.bar = (
-            tqdm(total=steps, unit="step", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
-        )
-        self.every = max(1, steps // 10)
-        # Ledger totals are summed over every step so far: refresh them only now and then.
-        self.bar_every = max(1, steps // 200)
-
-    def update(self, step: int, loss: float, ledger: Ledger, val: float | None) -> None:
-        if not self.enabled:
+    if os.environ.get(FAULT_RANK_ENV) != str(rank) or os.environ.get(FAULT_STEP_ENV, "0") != str(step):
+        return
+    once = os.environ.get(FAULT_ONCE_ENV)
+    if once is not None:
+        try:  # the first process to create the file faults; a restarted one goes on
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
             return
-        last = step == self.steps
-        if self.bar is not None:
-            if step % self.bar_every == 0 or last:
-                sent = ledger.summary()["bytes_sent"] / 1e6
-                self.bar.set_postfix(loss=f"{loss:.3f}", sent=f"{sent:.2f}MB", refresh=False)
-            self.bar.update(1)
-        elif step % self.every == 0 or last:
-            sent = ledger.summary()["bytes_sent"] / 1e6
-            val_text = f" val {val:.4f}" if val is not None else ""
-            print(f"step {step}/{self.steps} loss {loss:.4f}{val_text} sent {sent:.2f} MB", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_RANK_ENV})")
 
 
-def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str, Any] | None:
-    """Run the job on this rank; rank 0 gets the report, the others None."""
+def train(
+    cfg: TrainConfig, ctx: tdist.DistContext, started: float, store: CheckpointStore | None = None
+) -> dict[str, Any] | None:
+    """Run the job on this rank; rank 0 gets the report, the others None.
+
+    With a checkpoint store (or ``cfg.checkpoint_dir``) the job resumes from the latest
+    checkpoint, saves one every ``cfg.checkpoint_every`` steps, and a last one, holding
+    the report, at the end.
+    """
     link, group = None, None
     if cfg.server == "dedicated":
         roles = split_server(transport=cfg.transport, timeout=timedelta(seconds=cfg.timeout_s))
@@ -158,6 +142,13 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         world_size=ctx.world_size,
         backend=ctx.backend,
     )
+    parts = TrainParts(model, opt, sched, sampler, rec)
+    if store is None and cfg.checkpoint_dir is not None:
+        store = DirStore(Path(cfg.checkpoint_dir), rank=ctx.rank, barrier=lambda: _barrier(ctx))
+    if store is not None:
+        with store.latest() as folder:
+            if folder is not None:
+                rec.resumed_from_step = load_parts(folder, parts, rank=ctx.rank, world_size=ctx.world_size)
 
     def score(step: int) -> float:
         t0 = time.perf_counter()
@@ -166,11 +157,21 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         rec.val_loss.append((step, val))
         return val
 
-    if is_main:
+    def checkpoint(step: int, report: dict[str, Any] | None = None) -> None:
+        assert store is not None
+
+        def write(folder: Path) -> None:
+            save_parts(folder, parts, step=step, rank=ctx.rank, world_size=ctx.world_size)
+            if report is not None:
+                write_report(report, folder)
+
+        store.save(step, write, _metrics(step, rec, opt.ledger))
+
+    if is_main and rec.resumed_from_step == 0:
         score(0)
     rec.setup_time_s = time.perf_counter() - started
     progress = Progress(cfg.steps, enabled=is_main)
-    for step in range(1, cfg.steps + 1):
+    for step in range(rec.resumed_from_step + 1, cfg.steps + 1):
         _inject_fault(ctx.rank, step - 1)
         t0 = time.perf_counter()
         x, y = sampler.next()
@@ -183,26 +184,55 @@ def train(cfg: TrainConfig, ctx: tdist.DistContext, started: float) -> dict[str,
         rec.step_time_s.append(time.perf_counter() - t0)
         val = score(step) if is_main and (step % cfg.eval_every == 0 or step == cfg.steps) else None
         progress.update(step, rec.train_loss[-1], opt.ledger, val)
+        if (
+            store is not None
+            and cfg.checkpoint_every
+            and step % cfg.checkpoint_every == 0
+            and step < cfg.steps
+        ):
+            checkpoint(step)
     progress.close()
     close = getattr(opt, "close", None)
     server_ledger = close() if close is not None else None
 
     mean_loss, rank_loss = gather_mean_losses(ctx, rec.train_loss)
     ledgers = gather_ledger_summaries(ctx, opt.ledger.summary())
-    identical, sums = tdist.params_identical(ctx, model.parameters())
+    identical, sums, digest = tdist.params_identical(ctx, model.parameters())
     rec.wall_time_s = time.perf_counter() - started
-    if not is_main:
-        return None
-    return build_report(
-        rec,
-        mean_train_loss=mean_loss,
-        rank_mean_loss=rank_loss,
-        step_bytes=opt.ledger.step_bytes(),
-        ledgers=ledgers,
-        identical=identical,
-        param_sums=sums,
-        server_ledger=server_ledger,
+    report = (
+        build_report(
+            rec,
+            mean_train_loss=mean_loss,
+            rank_mean_loss=rank_loss,
+            step_bytes=opt.ledger.step_bytes(),
+            ledgers=ledgers,
+            identical=identical,
+            param_sums=sums,
+            param_sha256=digest,
+            server_ledger=server_ledger,
+        )
+        if is_main
+        else None
     )
+    if store is not None:
+        checkpoint(cfg.steps, report)
+    return report
+
+
+def _metrics(step: int, rec: RunRecord, ledger: Ledger) -> dict[str, float]:
+    """What a checkpoint carries for the launcher to show: this rank's latest figures."""
+    s = ledger.summary()
+    keys = ("bytes_sent", "bytes_received", "bits_per_param_up", "bits_per_param_down")
+    return {
+        "step": step,
+        "train_loss": rec.train_loss[-1] if rec.train_loss else math.nan,
+        "val_loss": rec.val_loss[-1][1] if rec.val_loss else math.nan,
+        **{k: s[k] for k in keys},
+    }
+
+
+def _barrier(ctx: tdist.DistContext) -> None:
+    tdist.all_gather_rows(ctx, torch.zeros(1))
 
 
 def _serve(link: ServerLink) -> None:
@@ -247,15 +277,21 @@ def _main(argv: Sequence[str] | None) -> int:
     finally:
         tdist.teardown(ctx)
     if report is not None:
-        workers = report["config"]["world_size"]  # a dedicated server is not a worker
-        out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"{cfg.optimizer}-w{workers}"
-        path = write_report(report, out)
-        ledger = report["ledger"]
-        print(
-            f"final val loss {report['final_val_loss']:.4f} | {report['wall_time_s']:.1f} s "
-            f"({report['step_time_s_mean']:.3f} s/step) | {ledger['bits_per_param_up']:.3f} bits/param up, "
-            f"{ledger['bits_per_param_down']:.3f} down | params identical across ranks: "
-            f"{report['params_identical_across_ranks']} | report: {path}",
-            flush=True,
-        )
+        publish(report, cfg)
     return 0
+
+
+def publish(report: dict[str, Any], cfg: TrainConfig) -> Path:
+    """Write the report to ``cfg.out`` (default ``runs/<optimizer>-w<workers>``) and say so."""
+    workers = report["config"]["world_size"]  # a dedicated server is not a worker
+    out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"{cfg.optimizer}-w{workers}"
+    path = write_report(report, out)
+    ledger = report["ledger"]
+    print(
+        f"final val loss {report['final_val_loss']:.4f} | {report['wall_time_s']:.1f} s "
+        f"({report['step_time_s_mean']:.3f} s/step) | {ledger['bits_per_param_up']:.3f} bits/param up, "
+        f"{ledger['bits_per_param_down']:.3f} down | params identical across ranks: "
+        f"{report['params_identical_across_ranks']} | report: {path}",
+        flush=True,
+    )
+    return path

@@ -82,6 +82,7 @@ class RunRecord:
     eval_time_s: float = 0.0
     setup_time_s: float = 0.0
     wall_time_s: float = 0.0
+    resumed_from_step: int = 0  # the checkpoint this process started from; 0 for a fresh run
 
 
 def build_report(
@@ -93,6 +94,7 @@ def build_report(
     ledgers: list[dict[str, Any]],
     identical: bool,
     param_sums: list[float],
+    param_sha256: str,
     server_ledger: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     steps = len(rec.step_time_s)
@@ -120,6 +122,9 @@ def build_report(
         "server_ledger": server_ledger,
         "params_identical_across_ranks": identical,
         "param_sum_by_rank": param_sums,
+        # SHA-256 of rank 0's parameter bytes: equal reports trained to the same bits.
+        "param_sha256": param_sha256,
+        "resumed_from_step": rec.resumed_from_step,
         "wall_time_s": rec.wall_time_s,
         "setup_time_s": rec.setup_time_s,
         "train_time_s": train_time,

@@ -280,6 +280,9 @@ class DGC(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(restore_counters(self, state_dict, "dgc"))
+        # torch.optim replaces the param-group dicts on load: point at the new ones, or an
+        # LR scheduler would change groups this optimizer no longer reads.
+        self._flat = [(p, g) for g in self.param_groups for p in g["params"]]
 
 
 def build_dgc(
