@@ -2,6 +2,8 @@
 
     dlion train --workers N --optimizer NAME [--steps ...] [--out DIR] [train flags]
     dlion cluster --hosts H --procs-per-host K --rate 1gbit [train flags]
+    dlion bench PART [--small] ...      (kernels, comm, netcomm, convergence, project)
+    dlion report RUN_DIR... [--out DIR]
 
 ``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local), or,
 with ``--transport mpi``, as many ranks under mpiexec (dlion.launch.mpi). ``--server
@@ -12,6 +14,8 @@ emulated hosts joined by rate-limited links (dlion.launch.netcluster; needs root
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Sequence
 
 from dlion.launch.local import launch_local
@@ -21,6 +25,14 @@ from dlion.train.config import add_train_arguments, config_from_args
 from dlion.train.loop import LOCAL_OPTIMIZERS
 
 DEFAULT_WORKERS = 4
+# `dlion bench PART`: the module whose main() runs it.
+BENCH_PARTS = {
+    "kernels": "dlion.bench.kernels",
+    "comm": "dlion.bench.comm",
+    "netcomm": "dlion.bench.netcomm",
+    "convergence": "dlion.bench.convergence",
+    "project": "dlion.bench.project",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +67,30 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
         "to OUT/report.json and removes the network on every exit. Needs root.",
     )
     add_cluster_arguments(cluster)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: kernels, comm, netcomm, convergence, project (each takes --small and --help)",
+        description="Run one benchmark; the arguments after PART go to it (`dlion bench PART --help`).",
+    )
+    bench.add_argument(
+        "part", choices=sorted(BENCH_PARTS), metavar="PART", help=", ".join(sorted(BENCH_PARTS))
+    )
+    sub.add_parser("report", help="turn RUN_DIR/report.json files into a Markdown table and PNG plots")
     return parser, train, cluster
 
 
+def _run_module(module: str, argv: list[str]) -> int:
+    code: int = importlib.import_module(module).main(argv)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bench PART ...` and `report ...` hand every later argument, --help included, to the tool.
+    if argv[:1] == ["report"]:
+        return _run_module("dlion.bench.runs", argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCH_PARTS:
+        return _run_module(BENCH_PARTS[argv[1]], argv[2:])
     parser, train, cluster = _parsers()
     args = parser.parse_args(argv)
     if args.command == "cluster":

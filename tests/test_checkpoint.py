@@ -31,11 +31,19 @@ def _report(tmp: Path, name: str) -> dict[str, Any]:
     return report
 
 
-def test_resumed_run_equals_an_unbroken_one_bit_for_bit(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unbroken 2-worker run with checkpoints, shared by the tests below: its folder
+    holds the run's report (whole/) and its checkpoints (whole-ckpt/)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    proc = _job(tmp, "whole", 2, "--checkpoint-dir", str(tmp / "whole-ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_resumed_run_equals_an_unbroken_one_bit_for_bit(tmp_path: Path, whole: Path) -> None:
     """Killed after the step-2 checkpoint, resumed: the same parameters, losses and votes."""
     ckpt = tmp_path / "ckpt"
-    whole = _job(tmp_path, "whole", 2, "--checkpoint-dir", str(tmp_path / "whole-ckpt"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
     fault = {FAULT_RANK_ENV: "1", FAULT_STEP_ENV: "3", FAULT_ONCE_ENV: str(tmp_path / "fired")}
     broken = _job(tmp_path, "resumed", 2, "--checkpoint-dir", str(ckpt), env=fault)
     assert broken.returncode != 0 and "injected fault on rank 1 at step 3" in broken.stderr
@@ -51,7 +59,7 @@ def test_resumed_run_equals_an_unbroken_one_bit_for_bit(tmp_path: Path) -> None:
     resumed = _job(tmp_path, "resumed", 2, "--checkpoint-dir", str(ckpt), env=fault)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a, b = _report(tmp_path, "whole"), _report(tmp_path, "resumed")
+    a, b = _report(whole, "whole"), _report(tmp_path, "resumed")
     assert b["resumed_from_step"] == 2 and a["resumed_from_step"] == 0
     assert b["param_sha256"] == a["param_sha256"]
     assert b["train_loss"] == a["train_loss"] and b["val_loss"] == a["val_loss"]
@@ -60,10 +68,9 @@ def test_resumed_run_equals_an_unbroken_one_bit_for_bit(tmp_path: Path) -> None:
     assert sb[:2] == sa[:2] and sb[3:] == sa[3:] and sb[2][0] > sa[2][0]
 
 
-def test_resume_refuses_another_job(tmp_path: Path) -> None:
-    ckpt = tmp_path / "ckpt"
-    first = _job(tmp_path, "a", 2, "--checkpoint-dir", str(ckpt))
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_resume_refuses_another_job(tmp_path: Path, whole: Path) -> None:
+    ckpt = whole / "whole-ckpt"  # written by 2 workers at d_model 32
+    assert (ckpt / "latest").is_file()
     more = _job(tmp_path, "b", 3, "--checkpoint-dir", str(ckpt))
     assert more.returncode != 0 and "written by 2 workers, this job has 3" in more.stderr
     wider = _job(tmp_path, "c", 2, "--d-model", "64", "--checkpoint-dir", str(ckpt))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,9 +84,30 @@ def test_dedicated_server_ledger_matches_cost_model() -> None:
         assert got["bytes_sent"] == server["ledger"]["bytes_sent"] and got["steps"] == STEPS
 
 
-def _worker_dies(rank: int, world: int, victim: int, stall_s: float, mode: str = "kill") -> dict[str, Any]:
+def _worker_dies(
+    rank: int, world: int, victim: int, stall_s: float, mode: str = "kill", done_dir: str = ""
+) -> dict[str, Any]:
     """The victim (a worker or the server) is SIGKILLed, or a worker goes silent, at step 2;
-    the others report how they end."""
+    the others report how they end (and, given ``done_dir``, leave a file there when they do)."""
+    out = _worker_dies_inner(rank, world, victim, stall_s, mode, done_dir)
+    if done_dir:
+        Path(done_dir, f"rank{rank}").touch()
+    return out
+
+
+def _silent(step: int, *, stall_s: float, done_dir: str, others: list[int]) -> None:
+    """The silent worker's begin_step: no word for 3 stall_s, or until every other rank has
+    ended (their files in ``done_dir``), whichever comes first."""
+    deadline = time.monotonic() + 3 * stall_s
+    while time.monotonic() < deadline:
+        if done_dir and all(Path(done_dir, f"rank{r}").exists() for r in others):
+            return
+        time.sleep(0.02)
+
+
+def _worker_dies_inner(
+    rank: int, world: int, victim: int, stall_s: float, mode: str, done_dir: str
+) -> dict[str, Any]:
     from dlion import DistributedLion
     from dlion.server.ps import ParameterServer, split_server
 
@@ -105,7 +128,10 @@ def _worker_dies(rank: int, world: int, victim: int, stall_s: float, mode: str =
                 if step == 2 and rank == victim and mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 if step == 2 and rank == victim:  # silent after the metadata exchange
-                    opt._server.begin_step = lambda step: time.sleep(3 * stall_s)  # type: ignore
+                    others = [r for r in range(world) if r != victim]
+                    opt._server.begin_step = functools.partial(  # type: ignore
+                        _silent, stall_s=stall_s, done_dir=done_dir, others=others
+                    )
                 p.grad = torch.randn(1000)
                 opt.step()
                 time.sleep(0.01)
@@ -132,9 +158,10 @@ def test_killed_process_fails_everyone_else_in_bounded_time(victim: int) -> None
             assert "CollectiveTimeout" in value["error"], value
 
 
-def test_silent_worker_is_named_by_the_server_after_the_timeout() -> None:
+def test_silent_worker_is_named_by_the_server_after_the_timeout(tmp_path: Path) -> None:
     stall_s = 5.0
-    out = run_ranks(_worker_dies, 3, timeout_s=90, victim=1, stall_s=stall_s, mode="stall")
+    kw = {"victim": 1, "stall_s": stall_s, "mode": "stall", "done_dir": str(tmp_path)}
+    out = run_ranks(_worker_dies, 3, timeout_s=90, **kw)
     status, server = out[2]
     assert status == "ok" and server["error"] is not None, server
     assert server["error"].startswith("WorkerLost") and "step header from worker rank 1" in server["error"]

@@ -179,9 +179,14 @@ def test_failing_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:
         (["--cautious-wd", "maybe"], "expected true or false, got 'maybe'"),
     ],
 )
-def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:
-    proc = _run([sys.executable, "-m", "dlion", "train", *args])
-    assert proc.returncode == 2 and message in proc.stderr
+def test_cli_rejects_bad_arguments(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process: `python -m dlion` is `raise SystemExit(dlion.cli.main())`, and an
+    interpreter of its own per case costs seconds of imports for a usage error."""
+    from dlion.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", *args])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

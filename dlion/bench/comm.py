@@ -103,12 +103,18 @@ def available_mib() -> float | None:
         return None
 
 
-def memory_shortfall(n: int, params: int) -> str | None:
+def memory_shortfall(
+    n: int,
+    params: int,
+    *,
+    overhead_mib: float = RANK_OVERHEAD_MIB,
+    bytes_per_param: float = BYTES_PER_PARAM,
+) -> str | None:
     """Why N ranks of ``params`` parameters would not fit in memory now, or None."""
-    need = n * (RANK_OVERHEAD_MIB + BYTES_PER_PARAM * params / 2**20)
+    need = n * (overhead_mib + bytes_per_param * params / 2**20)
     have = available_mib()
     if have is not None and need > 0.9 * have:
-        return f"needs about {need:,.0f} MiB, {have:,.0f} MiB available"
+        return f"{n} ranks of {params:,} parameters need about {need:,.0f} MiB, {have:,.0f} MiB available"
     return None
 
 

@@ -14,6 +14,10 @@ to rank 0's report beside the optimizer's byte ledger, so the ledger's cost mode
 against what the kernel carried. The first host to fail stops the others and is named;
 the whole job is bounded by ``--time-limit-s``; the network is removed on every exit path
 (Ctrl-C and SIGTERM included; ``--cleanup`` removes what a SIGKILLed run left behind).
+
+``run_on_hosts(HostJob(...))`` is the same machinery for another module on the hosts (the
+communication benchmark's ranks, ``dlion.bench.netcomm``): it returns the exit status and
+every host's counters, and leaves reports to the caller.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from dlion.launch.local import POLL_S, Interrupted, raise_interrupted, read_fail
 from dlion.launch.netns import (
     IFNAME,
     EmulatedNetwork,
+    HostCounters,
     NetnsError,
     NetSpec,
     namespaces_unavailable,
@@ -129,13 +134,66 @@ def remove_leftovers() -> list[str]:
 
 
 def launch_cluster(cfg: ClusterConfig) -> int:
+    start_time = time.time()
+    job = HostJob(
+        net=cfg.net, procs_per_host=cfg.procs_per_host, time_limit_s=cfg.time_limit_s,
+        module="dlion.train", argv=tuple(cfg.train.to_argv()),
+    )  # fmt: skip
+    run = run_on_hosts(job)
+    if run.code != 0:
+        return run.code
+    path = Path(str(cfg.train.out), "report.json")
+    if not path.exists() or path.stat().st_mtime < start_time:
+        print(f"dlion cluster: every host succeeded but rank 0 wrote no {path}", file=sys.stderr)
+        return 1
+    report = json.loads(path.read_text())
+    report["network"] = network_section(cfg.net, cfg.procs_per_host, run.counters, report, run.wall_s)
+    write_report(report, path.parent)
+    print(f"{format_table(report['network'])}\nreport with the network section: {path}", flush=True)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HostJob:
+    """What runs on the emulated hosts: on each, one torchrun agent of ``procs_per_host``
+    workers, each ``python -m <module> <argv>`` (``dlion cluster`` runs ``dlion.train``)."""
+
+    net: NetSpec
+    procs_per_host: int
+    time_limit_s: float
+    module: str
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_int("procs_per_host", self.procs_per_host, low=1)
+        check_float("time_limit_s", self.time_limit_s, low=0.0, low_open=True)
+        if not isinstance(self.module, str) or not self.module:
+            raise ValueError(f"module must name a Python module, got {self.module!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostsRun:
+    """How a HostJob ended: ``code`` 0 when every host succeeded, and then ``counters``, each
+    host's interface counters after the job minus before (empty otherwise)."""
+
+    code: int
+    counters: list[HostCounters]
+    wall_s: float  # network creation to removal
+
+
+def run_on_hosts(job: HostJob) -> HostsRun:
+    """Build the network, run ``job`` on every host, remove the network (on every exit path).
+
+    A failure is printed, naming the host and the rank (workers that call
+    ``dlion.train.dist.record_failure`` are named with their error), and its exit status returned.
+    """
     reason = namespaces_unavailable()
     if reason is not None:
         print(f"dlion cluster: cannot emulate hosts on this machine: {reason}", file=sys.stderr)
-        return 1
-    net = EmulatedNetwork(cfg.net)
+        return HostsRun(1, [], 0.0)
+    net = EmulatedNetwork(job.net)
     agents: list[subprocess.Popen[bytes]] = []
-    started, start_time = time.monotonic(), time.time()
+    started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-") as tmp,
         _handling(_STOP_SIGNALS[1:], raise_interrupted),  # SIGINT raises KeyboardInterrupt already
@@ -143,15 +201,15 @@ def launch_cluster(cfg: ClusterConfig) -> int:
         try:
             net.create()
             before = net.counters()
-            agents = [_start_agent(cfg, net, h, Path(tmp)) for h in range(cfg.net.hosts)]
-            outcome = _supervise(agents, Path(tmp), cfg, started + cfg.time_limit_s)
+            agents = [_start_agent(job, net, h, Path(tmp)) for h in range(job.net.hosts)]
+            outcome = _supervise(agents, Path(tmp), job, started + job.time_limit_s)
             after = net.counters() if outcome is None else []
         except (KeyboardInterrupt, Interrupted) as e:
             print(f"dlion cluster: interrupted ({e or 'SIGINT'}); stopping the hosts", file=sys.stderr)
-            return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
+            return HostsRun(130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum, [], 0.0)
         except NetnsError as e:
             print(f"dlion cluster: the emulated network failed: {e}", file=sys.stderr)
-            return 1
+            return HostsRun(1, [], 0.0)
         finally:
             with _handling(_STOP_SIGNALS, signal.SIG_IGN):  # a second Ctrl-C must not cut it short
                 stop_processes(agents)
@@ -160,25 +218,14 @@ def launch_cluster(cfg: ClusterConfig) -> int:
                 print(f"dlion cluster: cleaning up: {problem}", file=sys.stderr)
     if outcome is not None:
         print(f"dlion cluster: {outcome[0]}", file=sys.stderr, flush=True)
-        return outcome[1]
-    path = Path(str(cfg.train.out), "report.json")
-    if not path.exists() or path.stat().st_mtime < start_time:
-        print(f"dlion cluster: every host succeeded but rank 0 wrote no {path}", file=sys.stderr)
-        return 1
-    report = json.loads(path.read_text())
+        return HostsRun(outcome[1], [], time.monotonic() - started)
     delta = [a - b for a, b in zip(after, before, strict=True)]
-    wall = time.monotonic() - started
-    report["network"] = network_section(cfg.net, cfg.procs_per_host, delta, report, wall)
-    write_report(report, path.parent)
-    print(f"{format_table(report['network'])}\nreport with the network section: {path}", flush=True)
-    return 0
+    return HostsRun(0, delta, time.monotonic() - started)
 
 
-def _start_agent(
-    cfg: ClusterConfig, net: EmulatedNetwork, host: int, scratch: Path
-) -> subprocess.Popen[bytes]:
+def _start_agent(job: HostJob, net: EmulatedNetwork, host: int, scratch: Path) -> subprocess.Popen[bytes]:
     """Host ``host``'s torchrun agent, inside its namespace, pinned to its share of the cores."""
-    spec, k = cfg.net, cfg.procs_per_host
+    spec, k = job.net, job.procs_per_host
     cpus = host_cpus(host, spec.hosts)
     env = dict(os.environ)
     env.pop(INIT_METHOD_ENV, None)  # it would win over torchrun's MASTER_ADDR
@@ -194,7 +241,7 @@ def _start_agent(
         "--nnodes", str(spec.hosts), "--nproc-per-node", str(k), "--node-rank", str(host),
         "--master-addr", spec.address(0), "--master-port", str(MASTER_PORT),
         "--max-restarts", "0", "--monitor-interval", "0.1",
-        "-m", "dlion.train", *cfg.train.to_argv(),
+        "-m", job.module, *job.argv,
     ]  # fmt: skip
     # A child inherits its parent thread's affinity at fork: it never runs unpinned.
     saved = os.sched_getaffinity(0)
@@ -219,10 +266,10 @@ def host_cpus(host: int, hosts: int) -> list[int]:
 
 
 def _supervise(
-    agents: list[subprocess.Popen[bytes]], scratch: Path, cfg: ClusterConfig, deadline: float
+    agents: list[subprocess.Popen[bytes]], scratch: Path, job: HostJob, deadline: float
 ) -> tuple[str, int] | None:
     """None when every host succeeds; else (a message naming the host, the exit status)."""
-    k, stopped = cfg.procs_per_host, "the other hosts were stopped"
+    k, stopped = job.procs_per_host, "the other hosts were stopped"
     while True:
         codes = [a.poll() for a in agents]
         failed = [(h, c) for h, c in enumerate(codes) if c not in (None, 0)]
@@ -232,16 +279,16 @@ def _supervise(
             # A fault on one rank breaks the others' connections: the earliest error file is the cause.
             ranks = [r for r in range(len(agents) * k) if (scratch / f"error-rank{r}.json").exists()]
             if not ranks:
-                return f"host {host} ({cfg.net.address(host)}): torchrun exited with {code}; {stopped}", code
+                return f"host {host} ({job.net.address(host)}): torchrun exited with {code}; {stopped}", code
             seen = time.time()
             first = min((read_failure(r, code, scratch, seen) for r in ranks), key=lambda f: (f.time, f.rank))
             host = first.rank // k
-            return f"host {host} ({cfg.net.address(host)}): {first.describe()}; {stopped}", code
+            return f"host {host} ({job.net.address(host)}): {first.describe()}; {stopped}", code
         if all(c == 0 for c in codes):
             return None
         if time.monotonic() > deadline:
             running = ", ".join(str(h) for h, c in enumerate(codes) if c is None)
-            return f"the job exceeded --time-limit-s {cfg.time_limit_s:g} (hosts running: {running})", 124
+            return f"the job exceeded --time-limit-s {job.time_limit_s:g} (hosts running: {running})", 124
         time.sleep(POLL_S)
 
 

@@ -23,14 +23,13 @@ from typing import Any, Protocol
 
 import torch
 
-from dlion.train.data import BatchSampler
 from dlion.train.report import RunRecord, dlion_version
 
 FORMAT = 1
 MODEL_FILE = "model.pt"
 REPORT_FILE = "report.json"
 # The settings a checkpoint's state depends on: resuming under others is refused.
-MUST_MATCH = ("optimizer", "backend", "server", "seed", "d_model", "layers", "heads", "context")
+MUST_MATCH = ("task", "optimizer", "backend", "server", "seed", "d_model", "layers", "heads", "context")
 
 
 def rank_file(rank: int) -> str:
@@ -48,7 +47,7 @@ class TrainParts:
     model: torch.nn.Module
     opt: Any  # every dlion optimizer has state_dict/load_state_dict and .ledger
     sched: torch.optim.lr_scheduler.LRScheduler
-    sampler: BatchSampler
+    sampler: Any  # a batch sampler with a torch.Generator in .generator
     rec: RunRecord
 
 
@@ -88,6 +87,7 @@ def save_parts(folder: Path, parts: TrainParts, *, step: int, rank: int, world_s
             "train_loss": list(rec.train_loss),
             "step_time_s": list(rec.step_time_s),
             "val_loss": [list(v) for v in rec.val_loss],
+            "val_accuracy": [list(v) for v in rec.val_accuracy],
             "eval_time_s": rec.eval_time_s,
         },
     }
@@ -139,6 +139,7 @@ def load_parts(folder: Path, parts: TrainParts, *, rank: int, world_size: int) -
     rec.train_loss = [float(x) for x in history["train_loss"]]
     rec.step_time_s = [float(x) for x in history["step_time_s"]]
     rec.val_loss = [(int(s), float(v)) for s, v in history["val_loss"]]
+    rec.val_accuracy = [(int(s), float(v)) for s, v in history["val_accuracy"]]
     rec.eval_time_s = float(history["eval_time_s"])
     return int(state["step"])
 

@@ -55,6 +55,9 @@ GATHER_BACKENDS: dict[str, tuple[str, ...]] = {
     "dgc": ("allgather", "server"),
 }
 
+# What to train on: the byte-level language model, or a CNN on scikit-learn's digits.
+TASKS: tuple[str, ...] = ("bytes", "digits")
+
 # Where backend="server" runs its vote: on rank 0, or in a process of its own.
 SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
 
@@ -63,6 +66,7 @@ SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
 class TrainConfig:
     """One training run. ``out`` None means ``runs/<optimizer>-w<world size>``."""
 
+    task: str = "bytes"
     optimizer: str = "dlion-mavo"
     steps: int = 400
     batch_size: int = 16
@@ -90,6 +94,8 @@ class TrainConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.server not in SERVER_PLACEMENTS:
@@ -191,6 +197,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The job's flags; shared by ``python -m dlion.train`` and ``dlion train``."""
     d = TrainConfig()
     a = parser.add_argument
+    a(
+        "--task",
+        choices=TASKS,
+        default=d.task,
+        help="bytes: the byte-level transformer on the Python standard library; digits: a small CNN "
+        "on scikit-learn's handwritten digits (default: %(default)s)",
+    )
     a("--optimizer", choices=OPTIMIZER_NAMES, default=d.optimizer, help="default: %(default)s")
     a("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     a(

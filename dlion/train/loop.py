@@ -26,8 +26,6 @@ from dlion.server.ps import ParameterServer, ServerLink, split_server
 from dlion.train import dist as tdist
 from dlion.train.checkpoint import CheckpointStore, DirStore, TrainParts, load_parts, save_parts
 from dlion.train.config import TrainConfig, parse_config
-from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
-from dlion.train.model import ByteGPT, ModelConfig
 from dlion.train.progress import Progress
 from dlion.train.report import (
     RunRecord,
@@ -36,6 +34,7 @@ from dlion.train.report import (
     gather_mean_losses,
     write_report,
 )
+from dlion.train.tasks import build_task, evaluate
 from dlion.worker.registry import build_optimizer
 
 # Test hook: the rank named here raises at the step named (default 0), so tests can
@@ -70,14 +69,6 @@ def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
     raise TypeError(f"{type(opt).__name__} is not a torch.optim.Optimizer and wraps none in .inner")
 
 
-@torch.no_grad()
-def evaluate(model: ByteGPT, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
-    model.eval()
-    total = sum(float(model.loss(x.to(device), y.to(device))) for x, y in batches)
-    model.train()
-    return total / len(batches)
-
-
 def _inject_fault(rank: int, step: int) -> None:
     if os.environ.get(FAULT_RANK_ENV) != str(rank) or os.environ.get(FAULT_STEP_ENV, "0") != str(step):
         return
@@ -109,9 +100,8 @@ def train(
         workers = world_comm(roles.workers, timedelta(seconds=cfg.timeout_s), cfg.transport)
         ctx = replace(ctx, world_size=workers.world_size, comm=workers)
         link, group = roles.link, roles.workers
-    model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads)
-    corpus = load_corpus(CorpusConfig(max_bytes=cfg.data_bytes), min_bytes=cfg.context + 1)
-    model = ByteGPT(model_cfg, seed=cfg.seed).to(ctx.device)
+    task = build_task(cfg, rank=ctx.rank, device=ctx.device)
+    model, sampler = task.model, task.sampler
     opt = build_optimizer(
         cfg.optimizer,
         list(model.named_parameters()),
@@ -126,19 +116,11 @@ def train(
         cautious_wd=cfg.cautious_wd,
     )
     sched = LambdaLR(_torch_optimizer(opt), warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-    sampler = BatchSampler(
-        corpus.train, batch_size=cfg.batch_size, context=cfg.context, seed=cfg.seed, rank=ctx.rank
-    )
     is_main = ctx.rank == 0
-    val_batches = (
-        eval_batches(corpus.val, batch_size=cfg.batch_size, context=cfg.context, n_batches=cfg.eval_batches)
-        if is_main
-        else []
-    )
     rec = RunRecord(
         config=cfg.as_dict(),
-        corpus=corpus.describe(),
-        n_params=model.num_params(),
+        corpus=task.data,
+        n_params=sum(p.numel() for p in model.parameters()),
         world_size=ctx.world_size,
         backend=ctx.backend,
     )
@@ -152,9 +134,11 @@ def train(
 
     def score(step: int) -> float:
         t0 = time.perf_counter()
-        val = evaluate(model, val_batches, ctx.device)
+        val, accuracy = evaluate(task, ctx.device)
         rec.eval_time_s += time.perf_counter() - t0
         rec.val_loss.append((step, val))
+        if accuracy is not None:
+            rec.val_accuracy.append((step, accuracy))
         return val
 
     def checkpoint(step: int, report: dict[str, Any] | None = None) -> None:

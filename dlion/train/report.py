@@ -78,6 +78,7 @@ class RunRecord:
     backend: str | None
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_accuracy: list[tuple[int, float]] = field(default_factory=list)  # classifiers only
     step_time_s: list[float] = field(default_factory=list)
     eval_time_s: float = 0.0
     setup_time_s: float = 0.0
@@ -115,6 +116,9 @@ def build_report(
         "train_loss_mean_by_rank": rank_mean_loss,
         "val_loss": [[s, v] for s, v in rec.val_loss],
         "final_val_loss": rec.val_loss[-1][1] if rec.val_loss else math.nan,
+        # Classification tasks (digits): fraction of validation examples right; else empty / None.
+        "val_accuracy": [[s, a] for s, a in rec.val_accuracy],
+        "final_val_accuracy": rec.val_accuracy[-1][1] if rec.val_accuracy else None,
         "step_bytes": [[s, r] for s, r in step_bytes],
         "ledger": ledgers[0],
         "ledger_by_rank": ledgers,

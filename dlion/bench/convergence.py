@@ -1,0 +1,266 @@
+"""Convergence on real tasks: every optimizer, several worker counts and seeds, one table.
+
+    python -m dlion.bench.convergence [--small] [--tasks bytes,digits] [--workers 4,8]
+        [--seeds 0,1,2] [--optimizers ...] [--steps N] [--rate 1gbit] [--out DIR]
+
+Each run is a real ``dlion train`` job (or, with ``--rate``, ``dlion cluster`` on emulated
+hosts, one worker per host, so wall time includes a shaped network), writing its report to
+``DIR/runs/<task>/<optimizer>-w<N>-s<seed>/``. A run whose report already exists is not
+run again, so a long full run can be stopped and continued. The summary (dlion.bench.
+runs: table and plots per task) and the D-Lion paper's figure, final validation loss
+against bits per parameter per iteration, go to DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlion.bench import runs
+from dlion.train.config import TASKS
+from dlion.worker.registry import OPTIMIZER_NAMES
+
+# The distributed optimizers: `lion` is the single-process reference, not a baseline here.
+DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZER_NAMES if o != "lion")
+# How each task trains: steps, batch, evaluation, and per-optimizer learning rates where
+# the job's defaults (tuned on the byte-level model) do not fit.
+TASK_FLAGS: dict[str, list[str]] = {
+    "bytes": ["--eval-every", "50"],
+    "digits": ["--batch-size", "32", "--eval-every", "50"],
+}
+TASK_LR: dict[str, dict[str, float]] = {"bytes": {}, "digits": {}}
+# --small: minutes on a laptop, for newcomers and CI.
+SMALL_OPTIMIZERS = ("dlion-mavo", "adamw-global", "terngrad")
+SMALL_WORKERS, SMALL_SEEDS, SMALL_STEPS = (2,), (0,), 20
+FULL_WORKERS, FULL_SEEDS, FULL_STEPS = (4, 8), (0, 1, 2), 400
+RUN_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    tasks: tuple[str, ...]
+    optimizers: tuple[str, ...]
+    workers: tuple[int, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    rate: str | None
+    out: Path
+
+    def __post_init__(self) -> None:
+        for name, values, allowed in (
+            ("tasks", self.tasks, TASKS),
+            ("optimizers", self.optimizers, OPTIMIZER_NAMES),
+        ):
+            if not values or any(v not in allowed for v in values):
+                raise ValueError(
+                    f"{name} must be a non-empty list of {', '.join(allowed)}; got {list(values)}"
+                )
+        if not self.workers or any(w < 1 for w in self.workers):
+            raise ValueError(f"workers must be a non-empty list of ints >= 1, got {list(self.workers)}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of ints >= 0, got {list(self.seeds)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def runs(self) -> list[tuple[str, str, int, int]]:
+        return [
+            (t, o, w, s)
+            for t in self.tasks
+            for o in self.optimizers
+            for w in self.workers
+            for s in self.seeds
+        ]
+
+    def run_dir(self, task: str, optimizer: str, workers: int, seed: int) -> Path:
+        return self.out / "runs" / task / f"{optimizer}-w{workers}-s{seed}"
+
+
+def command(plan: Plan, task: str, optimizer: str, workers: int, seed: int) -> list[str]:
+    """The `dlion train` (or `dlion cluster`) command of one run."""
+    flags = ["--task", task, "--optimizer", optimizer, "--seed", str(seed), "--steps", str(plan.steps)]
+    flags += TASK_FLAGS[task]
+    lr = TASK_LR[task].get(optimizer)
+    if lr is not None:
+        flags += ["--lr", str(lr)]
+    flags += ["--out", str(plan.run_dir(task, optimizer, workers, seed))]
+    if plan.rate is None:
+        return [sys.executable, "-m", "dlion", "train", "--workers", str(workers), *flags]
+    hosts = ["--hosts", str(workers), "--procs-per-host", "1", "--rate", plan.rate]
+    return [sys.executable, "-m", "dlion", "cluster", *hosts, *flags]
+
+
+def run_all(plan: Plan) -> list[Path]:
+    """Run every missing run of the plan; the report paths, in plan order."""
+    reports = []
+    runs = plan.runs()
+    for i, (task, optimizer, workers, seed) in enumerate(runs, 1):
+        path = plan.run_dir(task, optimizer, workers, seed) / "report.json"
+        reports.append(path)
+        if path.exists():
+            continue
+        started = time.monotonic()
+        print(f"[{i}/{len(runs)}] {task} {optimizer} w{workers} s{seed}", flush=True)
+        proc = subprocess.run(
+            command(plan, task, optimizer, workers, seed),
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            what = f"{task} {optimizer} w{workers} s{seed}"
+            raise RuntimeError(f"run {what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        print(f"    {proc.stdout.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s)", flush=True)
+    return reports
+
+
+def paper_points(reports: list[Path]) -> list[dict[str, Any]]:
+    """Per (task, optimizer, workers): bits per parameter per iteration, up + down, and the
+    seed-mean final validation loss (and accuracy for digits): the D-Lion paper's axes."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for path in reports:
+        r = json.loads(path.read_text())
+        key = (r["config"]["task"], r["config"]["optimizer"], int(r["config"]["world_size"]))
+        groups.setdefault(key, []).append(r)
+    points = []
+    for (task, optimizer, workers), rs in sorted(groups.items()):
+        losses = [r["final_val_loss"] for r in rs]
+        accs = [r["final_val_accuracy"] for r in rs if r.get("final_val_accuracy") is not None]
+        ledger = rs[0]["ledger"]
+        points.append(
+            {
+                "task": task,
+                "optimizer": optimizer,
+                "workers": workers,
+                "seeds": len(rs),
+                "bits_per_param_up": ledger["bits_per_param_up"],
+                "bits_per_param_down": ledger["bits_per_param_down"],
+                "final_val_loss_mean": sum(losses) / len(losses),
+                "final_val_loss_min": min(losses),
+                "final_val_loss_max": max(losses),
+                "final_val_accuracy_mean": sum(accs) / len(accs) if accs else None,
+                "wall_time_s_mean": sum(r["wall_time_s"] for r in rs) / len(rs),
+            }
+        )
+    return points
+
+
+def paper_figure(points: list[dict[str, Any]], path: Path) -> Path:
+    """Final validation loss against bits per parameter per iteration (up + down), log x,
+    one panel per task and a marker per optimizer: the D-Lion paper's trade-off figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    tasks = sorted({p["task"] for p in points})
+    names = sorted({p["optimizer"] for p in points})
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for p in (p for p in points if p["task"] == task):
+            bits = p["bits_per_param_up"] + p["bits_per_param_down"]
+            low, high = p["final_val_loss_min"], p["final_val_loss_max"]
+            mean = p["final_val_loss_mean"]
+            ax.errorbar(
+                bits,
+                mean,
+                yerr=[[mean - low], [high - mean]],
+                fmt="o",
+                capsize=3,
+                color=colors[p["optimizer"]],
+            )
+            ax.annotate(f"{p['optimizer']} w{p['workers']}", (bits, mean), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("bits per parameter per iteration (up + down, per worker)")
+        ax.set_ylabel("final validation loss (seed mean, min-max bars)")
+        ax.set_title(f"{task}: loss vs communication")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dlion.bench.convergence",
+        description="Every optimizer on the byte-level LM and the digits CNN: final validation loss "
+        "(and accuracy), bits per parameter per step, wall time.",
+    )
+    p.add_argument("--small", action="store_true", help="a few minutes: 2 workers, 1 seed, 3 optimizers")
+    p.add_argument("--tasks", type=_names, default=TASKS, help=f"default: {','.join(TASKS)}")
+    p.add_argument("--optimizers", type=_names, default=None, help="default: every distributed optimizer")
+    p.add_argument("--workers", type=_ints, default=None, help="default: 4,8 (2 with --small)")
+    p.add_argument("--seeds", type=_ints, default=None, help="default: 0,1,2 (0 with --small)")
+    p.add_argument("--steps", type=int, default=None, help="default: 400 (20 with --small)")
+    p.add_argument("--rate", default=None, help="run on emulated hosts with links of this rate (e.g. 1gbit)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/convergence"), help="default: %(default)s")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    small = args.small
+    return Plan(
+        tasks=tuple(args.tasks),
+        optimizers=tuple(args.optimizers or (SMALL_OPTIMIZERS if small else DEFAULT_OPTIMIZERS)),
+        workers=tuple(args.workers or (SMALL_WORKERS if small else FULL_WORKERS)),
+        seeds=tuple(args.seeds or (SMALL_SEEDS if small else FULL_SEEDS)),
+        steps=args.steps or (SMALL_STEPS if small else FULL_STEPS),
+        rate=args.rate,
+        out=args.out,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        plan = plan_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    reports = run_all(plan)
+    points = paper_points(reports)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "points.json").write_text(json.dumps(points, indent=1) + "\n")
+    paper_figure(points, plan.out / "loss_vs_bits.png")
+    for task in plan.tasks:  # per task: dlion report's table and curves
+        code = runs.main([str(plan.out / "runs" / task), "--out", str(plan.out / task)])
+        if code != 0:
+            return code
+    for pt in points:
+        acc = pt["final_val_accuracy_mean"]
+        print(
+            f"{pt['task']:>7} {pt['optimizer']:>13} w{pt['workers']} seeds {pt['seeds']}: "
+            f"val loss {pt['final_val_loss_mean']:.4f} [{pt['final_val_loss_min']:.4f}, "
+            f"{pt['final_val_loss_max']:.4f}]"
+            + (f" acc {acc:.3f}" if acc is not None else "")
+            + f" | {pt['bits_per_param_up']:.3f} bits/param up | {pt['wall_time_s_mean']:.0f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The training job's tasks: what model to train on what data, behind one shape.
+
+``bytes``: the byte-level transformer on Python's standard library (dlion.train.data,
+dlion.train.model). ``digits``: a small CNN on scikit-learn's handwritten digits
+(dlion.train.digits), which also reports validation accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dlion.train.config import TASKS, TrainConfig
+from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
+from dlion.train.digits import DigitsCNN, DigitsSampler, digits_eval_batches, load_digits
+from dlion.train.model import ByteGPT, ModelConfig
+
+__all__ = ["TASKS", "Task", "build_task", "evaluate"]
+
+
+@dataclass
+class Task:
+    """One rank's model, its batch sampler, and (on rank 0) the validation batches."""
+
+    model: Any  # an nn.Module with .loss(x, y) (and, for classifiers, .correct(x, y))
+    sampler: Any  # BatchSampler or DigitsSampler: .next() and .generator
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    data: dict[str, Any]  # what the data is, for the report
+    classifier: bool  # whether validation also scores accuracy
+
+
+def build_task(cfg: TrainConfig, *, rank: int, device: torch.device) -> Task:
+    main = rank == 0
+    if cfg.task == "digits":
+        digits = load_digits()
+        return Task(
+            model=DigitsCNN(seed=cfg.seed).to(device),
+            sampler=DigitsSampler(digits, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank),
+            val_batches=digits_eval_batches(digits, batch_size=256) if main else [],
+            data=digits.describe(),
+            classifier=True,
+        )
+    model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads)
+    corpus = load_corpus(CorpusConfig(max_bytes=cfg.data_bytes), min_bytes=cfg.context + 1)
+    return Task(
+        model=ByteGPT(model_cfg, seed=cfg.seed).to(device),
+        sampler=BatchSampler(
+            corpus.train, batch_size=cfg.batch_size, context=cfg.context, seed=cfg.seed, rank=rank
+        ),
+        val_batches=(
+            eval_batches(
+                corpus.val, batch_size=cfg.batch_size, context=cfg.context, n_batches=cfg.eval_batches
+            )
+            if main
+            else []
+        ),
+        data=corpus.describe(),
+        classifier=False,
+    )
+
+
+@torch.no_grad()
+def evaluate(task: Task, device: torch.device) -> tuple[float, float | None]:
+    """Mean validation loss over the batches, and accuracy over all examples (classifiers)."""
+    model = task.model
+    model.eval()
+    loss, correct, seen = 0.0, 0, 0
+    for x, y in task.val_batches:
+        x, y = x.to(device), y.to(device)
+        loss += float(model.loss(x, y))
+        if task.classifier:
+            correct += model.correct(x, y)
+            seen += y.numel()
+    model.train()
+    return loss / len(task.val_batches), (correct / seen if task.classifier else None)
