@@ -31,8 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dlion.train.checkpoint import REPORT_FILE
 from dlion.train.config import TrainConfig, add_train_arguments, config_from_args, parse_config
+from dlion.train.report import REPORT_FILE
 
 # Ray Train's default of 60 s for the worker group to start is too short for a few workers
 # importing torch on a small machine; a user's own setting wins.

@@ -27,7 +27,6 @@ from dlion.train.report import RunRecord, dlion_version
 
 FORMAT = 1
 MODEL_FILE = "model.pt"
-REPORT_FILE = "report.json"
 # The settings a checkpoint's state depends on: resuming under others is refused.
 MUST_MATCH = ("task", "optimizer", "backend", "server", "seed", "d_model", "layers", "heads", "context")
 

@@ -120,7 +120,7 @@ def train(
     rec = RunRecord(
         config=cfg.as_dict(),
         corpus=task.data,
-        n_params=sum(p.numel() for p in model.parameters()),
+        n_params=model.num_params(),
         world_size=ctx.world_size,
         backend=ctx.backend,
     )

@@ -26,6 +26,7 @@ _SUMMARY_KEYS = (
     "bits_per_param_down",
 )
 _KIND_KEYS = KINDS
+REPORT_FILE = "report.json"
 _INT_KEYS = frozenset({"steps", "n_params", "bytes_sent", "bytes_received"})
 
 
@@ -140,7 +141,7 @@ def build_report(
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.json"
+    path = out_dir / REPORT_FILE
     # Write then rename, so a reader never sees half a report.
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")

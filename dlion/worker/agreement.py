@@ -21,6 +21,30 @@ from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
 COUNTERS = ("steps_taken", "skipped_steps")
 
 
+class CommRanks:
+    """``world_size`` and ``rank`` of an optimizer from its ``_comm`` (None: a world of one)."""
+
+    _comm: Any
+
+    @property
+    def world_size(self) -> int:
+        return int(self._comm.world_size) if self._comm is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return int(self._comm.rank) if self._comm is not None else 0
+
+
+def params_with_groups(param_groups: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Each parameter beside its param group, in order.
+
+    torch.optim's load_state_dict replaces the group dicts, so an optimizer that keeps these
+    pairs must take them again after loading, or an LR scheduler would change groups it no
+    longer reads.
+    """
+    return [(p, g) for g in param_groups for p in g["params"]]
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A rank produced a NaN or Inf gradient; raised on every rank."""
 

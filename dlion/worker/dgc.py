@@ -15,9 +15,11 @@ from dlion.server.comm import world_comm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic
 from dlion.server.ordered import ordered_all_reduce_mean, ring_all_gather
 from dlion.worker.agreement import (
+    CommRanks,
     agree_on_step,
     config_text,
     counters_state,
+    params_with_groups,
     raise_nonfinite,
     restore_counters,
 )
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class DGC(torch.optim.Optimizer):
+class DGC(CommRanks, torch.optim.Optimizer):
     """Deep Gradient Compression: momentum SGD where each rank sends the top 0.1% of its
     accumulated velocity and keeps the rest as residual.
 
@@ -77,7 +79,7 @@ class DGC(torch.optim.Optimizer):
         )
         self.config = config if config is not None else DGCConfig()
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
-        self._flat = [(p, g) for g in self.param_groups for p in g["params"]]
+        self._flat = params_with_groups(self.param_groups)
         for p, _ in self._flat:
             if not p.is_floating_point():
                 raise TypeError(f"DGC needs floating-point parameters, got {p.dtype} {tuple(p.shape)}")
@@ -88,14 +90,6 @@ class DGC(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._checked = False
         self._layouts: dict[tuple[tuple[int, ...], float], codec.WireLayout] = {}
-
-    @property
-    def world_size(self) -> int:
-        return self._comm.world_size if self._comm is not None else 1
-
-    @property
-    def rank(self) -> int:
-        return self._comm.rank if self._comm is not None else 0
 
     def density(self) -> float:
         """Fraction of each compressed tensor sent at the coming step."""
@@ -280,9 +274,7 @@ class DGC(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(restore_counters(self, state_dict, "dgc"))
-        # torch.optim replaces the param-group dicts on load: point at the new ones, or an
-        # LR scheduler would change groups this optimizer no longer reads.
-        self._flat = [(p, g) for g in self.param_groups for p in g["params"]]
+        self._flat = params_with_groups(self.param_groups)
 
 
 def build_dgc(

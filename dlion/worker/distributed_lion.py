@@ -19,9 +19,11 @@ from dlion.server.meta import check_fingerprint, exchange_step_meta
 from dlion.server.ps import Hello, ServerClient, ServerLink
 from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes, server_vote
 from dlion.worker.agreement import (
+    CommRanks,
     NonFiniteGradientError,
     config_text,
     counters_state,
+    params_with_groups,
     raise_nonfinite,
     restore_counters,
 )
@@ -32,7 +34,7 @@ from dlion.worker.lion import lion_update, run_closure
 __all__ = ["DistributedLion", "NonFiniteGradientError"]  # the error lives in agreement
 
 
-class DistributedLion(torch.optim.Optimizer):
+class DistributedLion(CommRanks, torch.optim.Optimizer):
     """Distributed Lion (Liu et al., NeurIPS 2024): a drop-in torch.optim.Optimizer.
 
     Every rank keeps its own Lion momentum. Per step, with N ranks:
@@ -104,7 +106,7 @@ class DistributedLion(torch.optim.Optimizer):
                 f"server= is a dedicated parameter server; it needs backend='server', not {backend!r}"
             )
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
-        self._flat = [(p, g) for g in self.param_groups for p in g["params"]]
+        self._flat = params_with_groups(self.param_groups)
         self._names = [self._param_name(i) for i in range(len(self._flat))]
         for i, (p, _) in enumerate(self._flat):
             if not p.is_floating_point():
@@ -127,14 +129,6 @@ class DistributedLion(torch.optim.Optimizer):
         self.steps_taken = 0  # steps that ran (skipped ones included): keys the coins
         self.skipped_steps = 0
         self._checked = False
-
-    @property
-    def world_size(self) -> int:
-        return self._comm.world_size if self._comm is not None else 1
-
-    @property
-    def rank(self) -> int:
-        return self._comm.rank if self._comm is not None else 0
 
     def _param_name(self, i: int) -> str:
         count = 0
@@ -312,6 +306,4 @@ class DistributedLion(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(restore_counters(self, state_dict, "dlion"))
-        # torch.optim replaces the param-group dicts on load: point at the new ones, or an
-        # LR scheduler would change groups this optimizer no longer reads.
-        self._flat = [(p, g) for g in self.param_groups for p in g["params"]]
+        self._flat = params_with_groups(self.param_groups)

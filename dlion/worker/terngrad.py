@@ -17,6 +17,7 @@ from dlion.kernels.cpu import all_finite
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
 from dlion.worker.agreement import (
+    CommRanks,
     agree_on_step,
     config_text,
     counters_state,
@@ -74,7 +75,7 @@ class TernGradConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout!r}")
 
 
-class TernGrad:
+class TernGrad(CommRanks):
     """TernGrad around an inner torch optimizer (the paper trains with SGD with momentum).
 
     Per step, with N ranks and T parameter tensors ("layers"):
@@ -115,14 +116,6 @@ class TernGrad:
         self.steps_taken = 0  # steps that ran, skipped ones included: keys the draws
         self.skipped_steps = 0
         self._checked = False
-
-    @property
-    def world_size(self) -> int:
-        return self._comm.world_size if self._comm is not None else 1
-
-    @property
-    def rank(self) -> int:
-        return self._comm.rank if self._comm is not None else 0
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
