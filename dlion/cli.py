@@ -2,7 +2,7 @@
 
     dlion train --workers N --optimizer NAME [--steps ...] [--out DIR] [train flags]
     dlion cluster --hosts H --procs-per-host K --rate 1gbit [train flags]
-    dlion bench PART [--small] ...      (kernels, comm, netcomm, convergence, project)
+    dlion bench PART [--small] ...      (kernels, comm, netcomm, convergence, project, byzantine, soak)
     dlion report RUN_DIR... [--out DIR]
 
 ``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local), or,
@@ -32,6 +32,8 @@ BENCH_PARTS = {
     "netcomm": "dlion.bench.netcomm",
     "convergence": "dlion.bench.convergence",
     "project": "dlion.bench.project",
+    "byzantine": "dlion.bench.byzantine",
+    "soak": "dlion.bench.soak",
 }
 
 
@@ -69,7 +71,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
     add_cluster_arguments(cluster)
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: kernels, comm, netcomm, convergence, project (each takes --small and --help)",
+        help=f"benchmarks: {', '.join(BENCH_PARTS)} (each takes --small and --help)",
         description="Run one benchmark; the arguments after PART go to it (`dlion bench PART --help`).",
     )
     bench.add_argument(

@@ -14,6 +14,7 @@ import numpy as np
 from dlion.compress.sign import TIE_STREAM, ZERO_STREAM
 from dlion.kernels import coin_bytes_ref, derive_key, lion_sign_step_ref
 from dlion.worker.buckets import plan_buckets
+from dlion.worker.byzantine import attack_key
 
 
 @dataclass
@@ -34,8 +35,11 @@ def simulate(
     seed: int,
     bucket_numel: int,
     cautious: bool = False,
+    attack: str | None = None,
+    attackers: int = 0,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-    """Returns the final parameters and each rank's momenta."""
+    """Returns the final parameters and each rank's momenta; the last ``attackers`` ranks
+    send ``attack``'s signs instead of their own (their momenta stay honest)."""
     n = len(grads[0])
     params = [p.astype(np.float32).copy() for p in params]
     moms = [[np.zeros(p.size, np.float32) for p in params] for _ in range(n)]
@@ -57,6 +61,9 @@ def simulate(
                     lion_sign_step_ref(grad, moms[r][s.index], out, g.betas[0], g.betas[1], key)
                     lo = 8 * s.byte_offset
                     bits[r, lo : lo + s.numel] = np.unpackbits(out, count=s.numel)
+                    if r >= n - attackers:
+                        key = attack_key(seed, step, r, s.index)
+                        bits[r, lo : lo + s.numel] = _attacked(attack, bits[r, lo : lo + s.numel], key)
             counts = bits.sum(axis=0)
             if vote == "average":
                 update = ((2 * counts - n) / n).astype(np.float32)
@@ -78,3 +85,14 @@ def simulate(
                     decay[u * params[s.index] < 0] = 1.0
                 params[s.index] = params[s.index] * decay - np.float32(g.lr) * u
     return params, moms
+
+
+def _attacked(attack: str | None, signs: np.ndarray, key: int) -> np.ndarray:
+    """An attacker's sign bits (1 = positive) in place of its honest ``signs``."""
+    if attack == "flip":
+        return 1 - signs
+    if attack == "random":
+        return np.unpackbits(coin_bytes_ref(key, 0, -(-signs.size // 8)), count=signs.size).astype(np.int64)
+    if attack == "zero":
+        return np.zeros_like(signs)
+    raise ValueError(f"unknown attack {attack!r}")

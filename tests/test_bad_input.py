@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
 
 import dlion
+from dlion.worker.global_opt import GlobalOptimizer
 
-from multiproc import run_ranks
+from multiproc import run_ok, run_ranks
 
 
 @pytest.mark.parametrize(
@@ -57,9 +59,14 @@ def test_nonfinite_raises_at_world_size_one() -> None:
     assert torch.equal(p.detach(), torch.ones(4))
 
 
-def _nan_on_rank1(rank: int, world: int, mode: str) -> dict[str, object]:
+def _nan_on_rank1(rank: int, world: int, mode: str, kind: str = "dlion") -> dict[str, object]:
+    """Rank 1's second tensor has a NaN: the error, or (skip mode) whether nothing moved, and
+    where the next, finite step took the parameters."""
     params = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(5))]
-    opt = dlion.DistributedLion([("a", params[0]), ("b", params[1])], lr=0.1, nonfinite=mode)  # type: ignore[arg-type]
+    if kind == "dlion":
+        opt: Any = dlion.DistributedLion([("a", params[0]), ("b", params[1])], lr=0.1, nonfinite=mode)  # type: ignore[arg-type]
+    else:  # the fp32 all-reduce baseline, which would spread the NaN to every rank
+        opt = GlobalOptimizer(torch.optim.AdamW(params, lr=0.1), nonfinite=mode)
     params[0].grad = torch.ones(10)
     params[1].grad = torch.full((5,), float("nan") if rank == 1 else 1.0)
     try:
@@ -70,7 +77,8 @@ def _nan_on_rank1(rank: int, world: int, mode: str) -> dict[str, object]:
     unchanged = all(torch.equal(p.detach(), torch.ones_like(p)) for p in params)
     params[1].grad = torch.ones(5)
     opt.step()
-    return {"unchanged": unchanged, "skipped": opt.skipped_steps, "moved": float(params[0].detach()[0])}
+    skipped = getattr(opt, "skipped_steps", None)
+    return {"unchanged": unchanged, "skipped": skipped, "moved": float(params[0].detach()[0])}
 
 
 def test_nonfinite_gradient_raises_on_every_rank() -> None:
@@ -106,3 +114,15 @@ def test_mismatched_parameter_lists_fail_on_every_rank() -> None:
     for status, value in out:
         assert status == "ok"
         assert "rank 1 tensors=3 vs rank 0 tensors=2" in value
+
+
+def test_global_all_reduce_refuses_a_nonfinite_gradient_on_every_rank() -> None:
+    """adamw-global would all-reduce one rank's Inf into every rank's weights: instead every
+    rank raises naming it, or with nonfinite="skip" every rank skips the step."""
+    for rank_out in run_ok(_nan_on_rank1, 3, mode="raise", kind="global"):
+        assert "rank 1, parameter #1 (5,)" in rank_out["error"], rank_out
+    skipped = run_ok(_nan_on_rank1, 3, mode="skip", kind="global")
+    assert all(r["unchanged"] for r in skipped)
+    assert len({r["moved"] for r in skipped}) == 1 and skipped[0]["moved"] < 1.0  # then a real step
+    with pytest.raises(ValueError, match="nonfinite must be one of raise, skip; got 'ignore'"):
+        GlobalOptimizer(torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]), nonfinite="ignore")

@@ -84,7 +84,7 @@ def test_ledger_state_round_trips() -> None:
         CollectiveRecord("bucket0", "all_gather", 2, Traffic(payload=16, padding=8), Traffic(metadata=3))
     )
     ledger.end_step()
-    ledger.extra.append(CollectiveRecord("hello", "send", 2, Traffic(metadata=64), Traffic()))
+    ledger.record_extra(CollectiveRecord("hello", "send", 2, Traffic(metadata=64), Traffic()))
     state = ledger.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -94,6 +94,26 @@ def test_ledger_state_round_trips() -> None:
     assert back.steps == ledger.steps and back.extra == ledger.extra and back.summary() == ledger.summary()
     with pytest.raises(ValueError, match="counts 10 parameters, this optimizer has 11"):
         Ledger(n_params=11).load_state_dict(state)
+
+
+def test_ledger_keeps_totals_of_every_step_and_records_of_the_last() -> None:
+    """A long run holds the last records only; totals and per-step bytes still cover every
+    step, equal to an unbounded ledger's, and survive a checkpoint round trip."""
+    whole, recent = Ledger(n_params=100), Ledger(n_params=100, keep_records=3)
+    for step in range(50):
+        for ledger in (whole, recent):
+            ledger.begin_step()
+            for k in range(1 + step % 3):
+                sent = Traffic(payload=8 * (step + k), metadata=32)
+                ledger.record(CollectiveRecord(f"bucket{k}", "all_gather", 4, sent, sent * 3))
+            ledger.end_step()
+    assert len(whole.steps) == 50 and recent.steps == whole.steps[-3:]
+    assert recent.summary() == whole.summary() and recent.step_bytes() == whole.step_bytes()
+    sent = sum(r.sent.bits for recs in whole.steps for r in recs) // 8
+    assert recent.summary()["bytes_sent"] == sent == sum(s for s, _ in recent.step_bytes())
+    back = Ledger(n_params=100, keep_records=3)
+    back.load_state_dict(recent.state_dict())
+    assert back.summary() == whole.summary() and back.step_bytes() == whole.step_bytes()
 
 
 @pytest.mark.parametrize("kind", ["dlion", "dgc"])

@@ -55,6 +55,7 @@ def _train(
     process_group: object = None,
     server: object = None,
     cautious_wd: bool = False,
+    byzantine: object = None,
 ) -> dict[str, object]:
     import dlion
 
@@ -73,6 +74,7 @@ def _train(
         process_group=process_group,  # type: ignore[arg-type]
         server=server,  # type: ignore[arg-type]
         cautious_wd=cautious_wd,
+        byzantine=byzantine,  # type: ignore[arg-type]
     )
     grads = make_grads(world)
     for step in range(STEPS):

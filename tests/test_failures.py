@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import dlion
+from dlion.server import liveness
 
 from multiproc import run_ranks
 
@@ -59,4 +62,51 @@ def test_stalled_rank_times_out_in_the_backend_collective(
     assert status == "ok", value
     assert value["error"] is not None and "CollectiveTimeout" in value["error"], value
     assert "rank 0/2" in value["error"] and collective in value["error"]
+    assert "rank(s) 1 did not answer a roll call" in value["error"], value  # stuck outside it
     assert value["elapsed"] < STALL_S
+
+
+def _killed_at_step_two(rank: int, world: int, optimizer: str, backend: str) -> dict[str, object]:
+    from dlion.worker.registry import build_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(1000))
+    timeout = timedelta(seconds=KILL_TIMEOUT_S)
+    opt = build_optimizer(optimizer, [p], lr=0.01, weight_decay=0.0, backend=backend, timeout=timeout)
+    start = time.monotonic()
+    try:
+        for step in range(100):
+            if step == 2 and rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # no goodbye: sockets close with the process
+            start = time.monotonic()
+            p.grad = torch.randn(1000)
+            opt.step()
+    except RuntimeError as err:
+        return {"error": f"{type(err).__name__}: {err}", "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}
+
+
+KILL_TIMEOUT_S = 5.0
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "backend"),
+    [
+        ("dlion-mavo", "allgather"),
+        ("dlion-mavo", "sharded"),
+        ("dlion-avg", "server"),
+        ("adamw-global", "allgather"),
+        ("terngrad", "allgather"),
+        ("dgc", "server"),
+    ],
+)
+def test_killed_rank_is_named_by_every_survivor_within_the_timeout(optimizer: str, backend: str) -> None:
+    out = run_ranks(_killed_at_step_two, 3, timeout_s=60, lost=1, optimizer=optimizer, backend=backend)
+    assert out[1] == ("lost", None)
+    for rank in (0, 2):
+        status, value = out[rank]
+        assert status == "ok", value
+        assert value["error"] is not None and "CollectiveTimeout" in value["error"], value
+        named = re.search(r"rank\(s\) ([\d, ]+) did not answer a roll call", value["error"])
+        assert named is not None and "1" in named.group(1).split(", "), value["error"]
+        assert str(rank) not in named.group(1).split(", "), value["error"]  # a survivor answers
+        assert value["elapsed"] < KILL_TIMEOUT_S + liveness.PROBE_S + 3, value

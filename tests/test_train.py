@@ -18,7 +18,7 @@ import torch
 
 from dlion.train.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, parse_config
 from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
-from dlion.train.loop import FAULT_RANK_ENV, warmup_cosine
+from dlion.train.loop import FAULT_KIND_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV, warmup_cosine
 from dlion.train.model import ByteGPT, ModelConfig
 from dlion.worker.registry import OPTIMIZER_NAMES
 
@@ -163,6 +163,18 @@ def test_failing_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:
     assert "injected fault on rank 1" in proc.stderr
     assert time.monotonic() - started < 60  # well inside the 60 s collective timeout + start-up
     assert not (out / "report.json").exists()
+
+
+def test_killed_worker_is_named_by_the_launcher_and_the_survivors(tmp_path: Path) -> None:
+    """SIGKILL on rank 1 mid-run: the launcher names it, not a survivor whose connection broke
+    and who wrote an error file about it (test_failures checks what the survivors say)."""
+    cmd = [sys.executable, "-m", "dlion", "train", "--workers", "3", "--timeout-s", "10"]
+    env = {FAULT_RANK_ENV: "1", FAULT_STEP_ENV: "2", FAULT_KIND_ENV: "kill"}
+    started = time.monotonic()
+    proc = _run([*cmd, *TINY, "--out", str(tmp_path / "run")], env=env)
+    assert proc.returncode != 0
+    assert "worker rank 1 was killed by SIGKILL" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize(

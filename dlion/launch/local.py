@@ -113,9 +113,10 @@ def _supervise(procs: list[subprocess.Popen[bytes]], scratch: Path) -> WorkerFai
         if failed:
             seen = time.time()
             # Several ranks can be found dead in one poll: a fault on one breaks the others'
-            # connections. The earliest error file names the cause.
+            # connections. A rank killed without a word (no error file: a signal, out of
+            # memory) is the cause over ranks that wrote about it; then the earliest file.
             failures = [read_failure(rank, codes[rank], scratch, seen) for rank in failed]
-            return min(failures, key=lambda f: (f.time, f.rank))
+            return min(failures, key=lambda f: (f.error is not None, f.time, f.rank))
         if all(code == 0 for code in codes):
             return None
         time.sleep(POLL_S)

@@ -1,8 +1,8 @@
 """Transport over torch.distributed (Gloo for CPU tensors, NCCL for CUDA tensors).
 
 Every wait is bounded: collectives run with ``async_op=True`` and ``Work.wait(timeout)``,
-so a rank that disappears turns into a CollectiveTimeout naming the collective, never a
-silent hang.
+so a rank that disappears turns into a CollectiveTimeout naming the collective and, by a
+roll call (dlion.server.liveness), the ranks that are gone; never a silent hang.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dlion.server.liveness import absent_text, roll_call
 
 
 class CollectiveTimeout(RuntimeError):
@@ -67,12 +69,14 @@ class TorchComm:
             else:
                 ok = work.wait(timedelta(seconds=max(1e-3, deadline - time.monotonic())))
         except RuntimeError as err:
+            who = absent_text(roll_call(self.group, self.world_size))
             raise CollectiveTimeout(
                 f"rank {self.rank}/{self.world_size}: {what} failed or timed out "
-                f"(timeout {self.timeout}): another rank may have died or diverged: {err}"
+                f"(timeout {self.timeout}); {who}: {err}"
             ) from err
         if ok is False:
-            raise CollectiveTimeout(f"rank {self.rank}: {what} did not complete within {self.timeout}")
+            who = absent_text(roll_call(self.group, self.world_size))
+            raise CollectiveTimeout(f"rank {self.rank}: {what} did not complete within {self.timeout}; {who}")
 
     def all_gather(self, send: torch.Tensor, what: str) -> torch.Tensor:
         """send: [L] -> [world_size, L] on the transport's device, row r from rank r."""

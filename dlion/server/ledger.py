@@ -7,6 +7,7 @@ messages are whole bytes. Each collective's traffic follows DESIGN.md's cost mod
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,18 +77,25 @@ def all_reduce_traffic(buffer: Traffic, world_size: int) -> tuple[Traffic, Traff
 
 @dataclass
 class Ledger:
-    """Per-step lists of collective records for one rank.
+    """Per-step collective records for one rank, and running totals.
 
     ``n_params`` is the number of optimised parameters (elements), the denominator of
-    the bits-per-parameter figures.
+    the bits-per-parameter figures. Totals and each step's (sent, received) bytes cover
+    every step; ``steps`` keeps the records themselves of the last ``keep_records`` steps
+    only (None: all), so a run of millions of steps holds 16 bytes per step, not its records.
     """
 
     n_params: int = 0
+    keep_records: int | None = None
     steps: list[list[CollectiveRecord]] = field(default_factory=list)
     # Messages outside any step (a dedicated server's handshake, stop and totals): in the
     # totals, not in the per-step figures.
     extra: list[CollectiveRecord] = field(default_factory=list)
     _open: list[CollectiveRecord] | None = None
+    _sent: Traffic = NO_TRAFFIC
+    _received: Traffic = NO_TRAFFIC
+    _collectives: int = 0
+    _step_bits: array = field(default_factory=lambda: array("q"))  # sent, received, sent, ...
 
     def begin_step(self) -> None:
         self._open = []
@@ -97,30 +105,40 @@ class Ledger:
             raise RuntimeError("Ledger.record called outside a step")
         self._open.append(rec)
 
+    def record_extra(self, rec: CollectiveRecord) -> None:
+        """A message outside any step."""
+        self.extra.append(rec)
+        self._sent, self._received = self._sent + rec.sent, self._received + rec.received
+
     def end_step(self) -> None:
         if self._open is None:
             raise RuntimeError("Ledger.end_step called without begin_step")
-        self.steps.append(self._open)
-        self._open = None
+        recs, self._open = self._open, None
+        sent = sum((r.sent for r in recs), NO_TRAFFIC)
+        received = sum((r.received for r in recs), NO_TRAFFIC)
+        self._sent, self._received = self._sent + sent, self._received + received
+        self._collectives += len(recs)
+        self._step_bits.extend((sent.bits, received.bits))
+        self.steps.append(recs)
+        if self.keep_records is not None and len(self.steps) > self.keep_records:
+            del self.steps[: len(self.steps) - self.keep_records]
+
+    @property
+    def n_steps(self) -> int:
+        return len(self._step_bits) // 2
 
     def step_bytes(self) -> list[tuple[int, int]]:
         """(bytes sent, bytes received) of each step."""
-        return [
-            (sum(r.sent.bits for r in recs) // 8, sum(r.received.bits for r in recs) // 8)
-            for recs in self.steps
-        ]
+        bits = self._step_bits
+        return [(bits[i] // 8, bits[i + 1] // 8) for i in range(0, len(bits), 2)]
 
     def totals(self) -> tuple[Traffic, Traffic]:
-        sent, received = NO_TRAFFIC, NO_TRAFFIC
-        for recs in [*self.steps, self.extra]:
-            for r in recs:
-                sent, received = sent + r.sent, received + r.received
-        return sent, received
+        return self._sent, self._received
 
     def summary(self) -> dict[str, Any]:
         """Totals in bytes and the bits per parameter per step, up and down."""
         sent, received = self.totals()
-        steps = len(self.steps)
+        steps = self.n_steps
         denom = max(1, steps) * max(1, self.n_params)
         return {
             "steps": steps,
@@ -131,15 +149,18 @@ class Ledger:
             "bits_per_param_down": received.bits / denom,
             "sent_bytes_by_kind": {k: getattr(sent, k) / 8 for k in KINDS},
             "received_bytes_by_kind": {k: getattr(received, k) / 8 for k in KINDS},
-            "collectives_per_step": (sum(len(s) for s in self.steps) / steps) if steps else 0.0,
+            "collectives_per_step": self._collectives / steps if steps else 0.0,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Every record as plain lists and ints, so a checkpoint loads with ``weights_only=True``."""
+        """Plain lists and ints, so a checkpoint loads with ``weights_only=True``."""
         return {
             "n_params": self.n_params,
             "steps": [[_record_row(r) for r in recs] for recs in self.steps],
             "extra": [_record_row(r) for r in self.extra],
+            "totals": [[getattr(t, k) for k in KINDS] for t in (self._sent, self._received)],
+            "collectives": self._collectives,
+            "step_bits": self._step_bits.tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -151,6 +172,10 @@ class Ledger:
         self.steps = [[_record_from_row(row) for row in recs] for recs in state["steps"]]
         self.extra = [_record_from_row(row) for row in state["extra"]]
         self._open = None
+        sent, received = state["totals"]
+        self._sent, self._received = Traffic(*map(int, sent)), Traffic(*map(int, received))
+        self._collectives = int(state["collectives"])
+        self._step_bits = array("q", map(int, state["step_bits"]))
 
 
 def _record_row(r: CollectiveRecord) -> list[Any]:

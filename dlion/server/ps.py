@@ -190,7 +190,7 @@ class ServerClient:
             self._send(torch.tensor([MAGIC, OP_STOP, -1], dtype=torch.int64), "stop")
             totals = self._recv(torch.zeros(8, dtype=torch.int64), "server totals").cpu().tolist()
             received = Traffic(metadata=64 * len(totals))
-            self.ledger.extra.append(CollectiveRecord("stop", "send", 2, Traffic(metadata=192), received))
+            self.ledger.record_extra(CollectiveRecord("stop", "send", 2, Traffic(metadata=192), received))
             if totals[0] != MAGIC:
                 raise ValueError(f"malformed server totals {totals}")
             self.server_totals = totals_summary(totals[1:])
@@ -288,7 +288,7 @@ class ParameterServer:
     def _totals(self) -> list[int]:
         sent, received = self.ledger.totals()
         by_kind = [getattr(t, k) for t in (sent, received) for k in ("payload", "padding", "metadata")]
-        return [len(self.ledger.steps), *by_kind]
+        return [self.ledger.n_steps, *by_kind]
 
     def _record(
         self,
@@ -301,6 +301,6 @@ class ParameterServer:
     ) -> None:
         rec = CollectiveRecord(f"{name}[server]", op, len(self.workers) + 1, sent, received)
         if outside:
-            self.ledger.extra.append(rec)
+            self.ledger.record_extra(rec)
         else:
             self.ledger.record(rec)

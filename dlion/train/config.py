@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from dlion.worker.byzantine import ATTACKS
 from dlion.worker.config import BACKENDS, TRANSPORTS
-from dlion.worker.registry import CAUTIOUS, OPTIMIZER_NAMES
+from dlion.worker.registry import BYZANTINE, CAUTIOUS, OPTIMIZER_NAMES
 
 # Picked by sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best at
 # 3e-4..1e-3 after 200 steps and at 5e-4 after 400; adamw-global over 1e-3..1e-2 at 1e-3..3e-3.
@@ -89,6 +90,8 @@ class TrainConfig:
     server: str = "rank0"
     transport: str = "torch"
     cautious_wd: bool = False
+    byzantine: int = 0
+    attack: str = "flip"
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     out: str | None = None
@@ -134,6 +137,13 @@ class TrainConfig:
         ):
             check_int(name, getattr(self, name), low=1)
         check_int("warmup_steps", self.warmup_steps, low=0)
+        check_int("byzantine", self.byzantine, low=0)
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}; got {self.attack!r}")
+        if self.byzantine and self.optimizer not in BYZANTINE:
+            raise ValueError(
+                f"byzantine workers are an option of {', '.join(BYZANTINE)}; got optimizer {self.optimizer!r}"
+            )
         check_int("checkpoint_every", self.checkpoint_every, low=0)
         check_int("seed", self.seed, low=0)
         check_int("data_bytes", self.data_bytes, low=1024)
@@ -235,6 +245,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TRANSPORTS,
         default=d.transport,
         help="torch.distributed (Gloo/NCCL), or MPI through mpi4py, launched under mpiexec "
+        "(default: %(default)s)",
+    )
+    a(
+        "--byzantine",
+        type=int,
+        default=d.byzantine,
+        metavar="K",
+        help="the last K ranks attack, sending corrupted updates (default: %(default)s)",
+    )
+    a(
+        "--attack",
+        choices=ATTACKS,
+        default=d.attack,
+        help="what the attackers send: flip (inverted signs, negated gradients), random, or zero "
         "(default: %(default)s)",
     )
     a("--batch-size", type=int, default=d.batch_size, help="windows per rank per step (default: %(default)s)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -34,7 +35,9 @@ from dlion.train.report import (
     gather_mean_losses,
     write_report,
 )
+from dlion.train.resources import ResourceLog
 from dlion.train.tasks import build_task, evaluate
+from dlion.worker.byzantine import Byzantine
 from dlion.worker.registry import build_optimizer
 
 # Test hook: the rank named here raises at the step named (default 0), so tests can
@@ -43,7 +46,11 @@ FAULT_RANK_ENV = "DLION_FAULT_RANK"
 FAULT_STEP_ENV = "DLION_FAULT_STEP"
 # With this set to a path, the fault fires once: a restarted job (Ray, torchrun) goes on.
 FAULT_ONCE_ENV = "DLION_FAULT_ONCE_FILE"
+# "raise" (default): an exception the rank reports; "kill": SIGKILL, the rank says nothing.
+FAULT_KIND_ENV = "DLION_FAULT_KIND"
 
+# Collective records the job keeps per rank: enough to look at, bounded for long runs.
+LEDGER_RECORDS = 100
 # Optimizers that run without a process group, and refuse a world size > 1.
 LOCAL_OPTIMIZERS = frozenset({"lion"})
 
@@ -78,6 +85,8 @@ def _inject_fault(rank: int, step: int) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+    if os.environ.get(FAULT_KIND_ENV) == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_RANK_ENV})")
 
 
@@ -114,7 +123,10 @@ def train(
         process_group=group,
         server=link,
         cautious_wd=cfg.cautious_wd,
+        byzantine=Byzantine(workers=cfg.byzantine, attack=cfg.attack) if cfg.byzantine else None,
+        timeout=timedelta(seconds=cfg.timeout_s),
     )
+    opt.ledger.keep_records = LEDGER_RECORDS  # totals cover every step; records, the last few
     sched = LambdaLR(_torch_optimizer(opt), warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     is_main = ctx.rank == 0
     rec = RunRecord(
@@ -155,6 +167,7 @@ def train(
         score(0)
     rec.setup_time_s = time.perf_counter() - started
     progress = Progress(cfg.steps, enabled=is_main)
+    resources = ResourceLog()
     for step in range(rec.resumed_from_step + 1, cfg.steps + 1):
         _inject_fault(ctx.rank, step - 1)
         t0 = time.perf_counter()
@@ -166,7 +179,10 @@ def train(
         sched.step()
         rec.train_loss.append(loss.item())
         rec.step_time_s.append(time.perf_counter() - t0)
-        val = score(step) if is_main and (step % cfg.eval_every == 0 or step == cfg.steps) else None
+        sampled = step % cfg.eval_every == 0 or step == cfg.steps
+        val = score(step) if is_main and sampled else None
+        if sampled:
+            resources.add(step)
         progress.update(step, rec.train_loss[-1], opt.ledger, val)
         if (
             store is not None
@@ -182,6 +198,7 @@ def train(
     mean_loss, rank_loss = gather_mean_losses(ctx, rec.train_loss)
     ledgers = gather_ledger_summaries(ctx, opt.ledger.summary())
     identical, sums, digest = tdist.params_identical(ctx, model.parameters())
+    by_rank = resources.gather(ctx)
     rec.wall_time_s = time.perf_counter() - started
     report = (
         build_report(
@@ -194,6 +211,7 @@ def train(
             param_sums=sums,
             param_sha256=digest,
             server_ledger=server_ledger,
+            resources=by_rank,
         )
         if is_main
         else None

@@ -98,6 +98,7 @@ def build_report(
     param_sums: list[float],
     param_sha256: str,
     server_ledger: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     steps = len(rec.step_time_s)
     train_time = sum(rec.step_time_s)
@@ -125,6 +126,8 @@ def build_report(
         "ledger_by_rank": ledgers,
         # A dedicated parameter server's own traffic (None when there is none).
         "server_ledger": server_ledger,
+        # Per rank at each validation step: resident bytes, open descriptors, threads.
+        "resources": resources,
         "params_identical_across_ranks": identical,
         "param_sum_by_rank": param_sums,
         # SHA-256 of rank 0's parameter bytes: equal reports trained to the same bits.

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
+from dlion.worker.byzantine import Byzantine
+
 Vote = Literal["majority", "average"]
 Tie = Literal["random", "zero"]
 NonFinite = Literal["raise", "skip"]
@@ -72,6 +74,8 @@ class DistributedLionConfig:
     cautious_wd:  cautious weight decay (Chen, Li, Liang et al., 2025): decay only where the
                   voted update and the parameter do not have opposite signs. Both are the
                   same on every rank, so ranks stay bit-identical.
+    byzantine:    the last K ranks send corrupted bits (dlion.worker.byzantine), for
+                  measuring robustness; None: every rank is honest.
     """
 
     vote: Vote = "majority"
@@ -84,6 +88,7 @@ class DistributedLionConfig:
     force_comm: bool = False
     timeout: timedelta | None = None
     cautious_wd: bool = False
+    byzantine: Byzantine | None = None
 
     def __post_init__(self) -> None:
         _one_of("vote", self.vote, VOTES)
@@ -99,5 +104,7 @@ class DistributedLionConfig:
             raise ValueError(f"bucket_numel must be >= 128, got {self.bucket_numel!r}")
         if not isinstance(self.cautious_wd, bool):
             raise ValueError(f"cautious_wd must be a bool, got {self.cautious_wd!r}")
+        if self.byzantine is not None and not isinstance(self.byzantine, Byzantine):
+            raise ValueError(f"byzantine must be a dlion Byzantine or None, got {self.byzantine!r}")
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -287,6 +288,7 @@ def build_dgc(
     seed: int = 0,
     backend: str = "allgather",
     transport: str = "torch",
+    timeout: timedelta | None = None,
 ) -> DGC:
     """DGC for the registry: betas[0] is the SGD momentum (betas[1] is unused); weight decay
     is L2 added to the gradient locally, as torch.optim.SGD's; the rest are DGCConfig defaults."""
@@ -295,5 +297,6 @@ def build_dgc(
         seed=seed,
         backend=backend,  # type: ignore[arg-type]
         transport=transport,  # type: ignore[arg-type]
+        timeout=timeout,
     )
     return DGC(params, lr=lr, weight_decay=weight_decay, process_group=process_group, config=config)

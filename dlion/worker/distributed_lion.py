@@ -28,6 +28,7 @@ from dlion.worker.agreement import (
     restore_counters,
 )
 from dlion.worker.buckets import Bucket, plan_buckets
+from dlion.worker.byzantine import Byzantine, attack_key, attack_of, corrupt_signs
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
 from dlion.worker.lion import lion_update, run_closure
 
@@ -50,6 +51,8 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
       3. Sign step (fused kernel per tensor): c = b1*m + (1-b1)*g, its sign packed to one
          bit per parameter in the tensor's flat bucket, m <- b2*m + (1-b2)*g. A c of
          exactly 0 takes a seeded fair coin (bit 1 = positive) so it adds no drift.
+         With ``byzantine``, the attacking ranks then corrupt their bits
+         (dlion.worker.byzantine); their momentum stays honest.
       4. Exchange per bucket, by ``backend``: "allgather" gathers every rank's bits
          ((N-1)/8 bytes per parameter each way); "sharded" runs all_to_all, a vote of
          this rank's shard, and an all_gather of the voted shards (2 (N-1)/N / 8 bytes
@@ -87,6 +90,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
         timeout: timedelta | None = None,
         server: ServerLink | None = None,
         cautious_wd: bool = False,
+        byzantine: Byzantine | None = None,
     ) -> None:
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
         self.config = DistributedLionConfig(
@@ -100,6 +104,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
             force_comm=force_comm,
             timeout=timeout,
             cautious_wd=cautious_wd,
+            byzantine=byzantine,
         )
         if server is not None and backend != "server":
             raise ValueError(
@@ -114,6 +119,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
                     f"DistributedLion needs floating-point parameters; {self._names[i]} is {p.dtype}"
                 )
         self._comm: TorchComm | None = world_comm(process_group, timeout, transport)
+        self._attack = attack_of(byzantine, self.rank, self.world_size)
         align = align_bytes(backend, self.world_size)
         self._buckets: list[Bucket] = plan_buckets([p.numel() for p, _ in self._flat], bucket_numel, align)
         self._wires = [
@@ -247,6 +253,10 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
                         b2,
                         key,
                     )
+                    if self._attack is not None:
+                        where = send[s.byte_offset : s.byte_offset + s.nbytes]
+                        bad_key = attack_key(cfg.seed, self.steps_taken, comm.rank, s.index)
+                        corrupt_signs(where, s.numel, self._attack, bad_key)
                 # Phases 4-5: exchange the packed bits and vote, by the chosen topology.
                 tie_key = derive_key(cfg.seed, TIE_STREAM, self.steps_taken, k)
 

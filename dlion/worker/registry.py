@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from dlion.server.ledger import Ledger
 from dlion.server.ps import ServerLink
+from dlion.worker.byzantine import Byzantine
 from dlion.worker.config import Vote
 from dlion.worker.dgc import build_dgc
 from dlion.worker.distributed_lion import DistributedLion
@@ -35,6 +37,8 @@ class BuildArgs:
     transport: str = "torch"  # torch.distributed or mpi (mpi4py)
     server: ServerLink | None = None  # a dedicated parameter server, for backend="server"
     cautious_wd: bool = False  # Lion and the voting optimizers only
+    byzantine: Byzantine | None = None  # attacking ranks: the voters and the all-reduce baselines
+    timeout: timedelta | None = None  # bound on every collective wait (None: the process group's)
 
 
 Builder = Callable[[Iterable[Any], BuildArgs], Any]
@@ -77,6 +81,8 @@ def _dlion(vote: Vote) -> Builder:
             transport=a.transport,
             server=a.server,
             cautious_wd=a.cautious_wd,
+            byzantine=a.byzantine,
+            timeout=a.timeout,
         )
 
     return build
@@ -109,6 +115,7 @@ def _gathering(build: Callable[..., Any], name: str) -> Builder:
             seed=a.seed,
             backend=a.backend,
             transport=a.transport,
+            timeout=a.timeout,
         )
 
     return make
@@ -117,7 +124,14 @@ def _gathering(build: Callable[..., Any], name: str) -> Builder:
 def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
     def build(params: Iterable[Any], a: BuildArgs) -> Any:
         inner = make_inner(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
-        return GlobalOptimizer(inner, a.process_group, transport=a.transport)
+        return GlobalOptimizer(
+            inner,
+            a.process_group,
+            transport=a.transport,
+            byzantine=a.byzantine,
+            seed=a.seed,
+            timeout=a.timeout,
+        )
 
     return build
 
@@ -134,6 +148,8 @@ OPTIMIZERS: dict[str, Builder] = {
 }
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 CAUTIOUS: tuple[str, ...] = ("lion", "dlion-mavo", "dlion-avg", "signum-mavo")
+# Where an attacker's corruption is defined: sign bits of a vote, or an all-reduced gradient.
+BYZANTINE: tuple[str, ...] = ("dlion-mavo", "dlion-avg", "signum-mavo", "adamw-global", "lion-global")
 DEFAULT_BETAS: dict[str, tuple[float, float]] = {"adamw-global": (0.9, 0.999)}
 
 
@@ -150,6 +166,8 @@ def build_optimizer(
     transport: str = "torch",
     server: ServerLink | None = None,
     cautious_wd: bool = False,
+    byzantine: Byzantine | None = None,
+    timeout: timedelta | None = None,
 ) -> Any:
     """The optimizer called ``name``; every one has ``.ledger``.
 
@@ -170,7 +188,11 @@ def build_optimizer(
         transport=transport,
         server=server,
         cautious_wd=cautious_wd,
+        byzantine=byzantine,
+        timeout=timeout,
     )
+    if byzantine is not None and byzantine.workers > 0 and name not in BYZANTINE:
+        raise ValueError(f"byzantine workers are an option of {', '.join(BYZANTINE)}; got optimizer {name!r}")
     if cautious_wd and name not in CAUTIOUS:
         raise ValueError(f"cautious_wd is an option of {', '.join(CAUTIOUS)}; got optimizer {name!r}")
     return OPTIMIZERS[name](params, args)
