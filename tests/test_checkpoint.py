@@ -14,7 +14,7 @@ from test_train import TINY, _run
 
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic
 from dlion.train.checkpoint import MODEL_FILE, rank_file
-from dlion.train.loop import FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
+from dlion.train.loop import CHECKPOINT_KILL, FAULT_KIND_ENV, FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
 from dlion.worker.dgc import DGC
 from dlion.worker.distributed_lion import DistributedLion
 
@@ -132,3 +132,20 @@ def test_lr_scheduler_drives_the_optimizer_after_load_state_dict(kind: str) -> N
     moved = p.detach() - before
     # lr 0: only nothing moves (weight decay is scaled by lr too).
     assert torch.equal(moved, torch.zeros_like(moved)), moved
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_path: Path, whole: Path) -> None:
+    """Rank 1 is SIGKILLed right after writing its step-4 files, before the ranks agree on
+    them: `latest` still names step 2, and the resumed run equals the unbroken one."""
+    ckpt = tmp_path / "ckpt"
+    fault = {FAULT_RANK_ENV: "1", FAULT_STEP_ENV: "4", FAULT_KIND_ENV: CHECKPOINT_KILL}
+    fault[FAULT_ONCE_ENV] = str(tmp_path / "fired")
+    broken = _job(tmp_path, "resumed", 2, "--checkpoint-dir", str(ckpt), env=fault)
+    assert broken.returncode != 0 and "worker rank 1 was killed by SIGKILL" in broken.stderr, broken.stderr
+    assert (ckpt / "latest").read_text().strip() == "step-00000002"
+    assert (ckpt / "step-00000004" / rank_file(1)).is_file()  # written, but never made the latest
+    resumed = _job(tmp_path, "resumed", 2, "--checkpoint-dir", str(ckpt), env=fault)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _report(whole, "whole"), _report(tmp_path, "resumed")
+    assert b["resumed_from_step"] == 2 and b["param_sha256"] == a["param_sha256"]
+    assert b["val_loss"] == a["val_loss"]

@@ -61,9 +61,29 @@ class CheckpointStore(Protocol):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a reader (or a resume after
+    a crash or power loss) sees the old file or the whole new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_parts(folder: Path, parts: TrainParts, *, step: int, rank: int, world_size: int) -> None:
@@ -169,10 +189,14 @@ class DirStore:
         if self.rank != 0:
             return
         tmp = self.root / f".latest.tmp{os.getpid()}"
-        tmp.write_text(name + "\n")
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.root / "latest")
+        _fsync_dir(self.root)
         old = sorted(p for p in self.root.glob("step-*") if p.is_dir() and p.name != name)
         for stale in old[: max(0, len(old) - (self.keep - 1))]:
-            for f in stale.iterdir():
-                f.unlink()
+            for leftover in stale.iterdir():
+                leftover.unlink()
             stale.rmdir()

@@ -46,8 +46,10 @@ FAULT_RANK_ENV = "DLION_FAULT_RANK"
 FAULT_STEP_ENV = "DLION_FAULT_STEP"
 # With this set to a path, the fault fires once: a restarted job (Ray, torchrun) goes on.
 FAULT_ONCE_ENV = "DLION_FAULT_ONCE_FILE"
-# "raise" (default): an exception the rank reports; "kill": SIGKILL, the rank says nothing.
+# "raise" (default): an exception the rank reports; "kill": SIGKILL, the rank says nothing;
+# "checkpoint-kill": SIGKILL while the checkpoint of that step is being written.
 FAULT_KIND_ENV = "DLION_FAULT_KIND"
+CHECKPOINT_KILL = "checkpoint-kill"
 
 # Collective records the job keeps per rank: enough to look at, bounded for long runs.
 LEDGER_RECORDS = 100
@@ -76,18 +78,32 @@ def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
     raise TypeError(f"{type(opt).__name__} is not a torch.optim.Optimizer and wraps none in .inner")
 
 
-def _inject_fault(rank: int, step: int) -> None:
+def _fault_due(rank: int, step: int) -> bool:
     if os.environ.get(FAULT_RANK_ENV) != str(rank) or os.environ.get(FAULT_STEP_ENV, "0") != str(step):
-        return
+        return False
     once = os.environ.get(FAULT_ONCE_ENV)
     if once is not None:
         try:  # the first process to create the file faults; a restarted one goes on
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
-            return
-    if os.environ.get(FAULT_KIND_ENV) == "kill":
+            return False
+    return True
+
+
+def _inject_fault(rank: int, step: int) -> None:
+    """At the start of a step: raise, or SIGKILL this rank."""
+    kind = os.environ.get(FAULT_KIND_ENV, "raise")
+    if kind == CHECKPOINT_KILL or not _fault_due(rank, step):
+        return
+    if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_RANK_ENV})")
+
+
+def _inject_checkpoint_fault(rank: int, step: int) -> None:
+    """SIGKILL this rank after it wrote its checkpoint files, before the others agree on them."""
+    if os.environ.get(FAULT_KIND_ENV) == CHECKPOINT_KILL and _fault_due(rank, step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(
@@ -158,6 +174,7 @@ def train(
 
         def write(folder: Path) -> None:
             save_parts(folder, parts, step=step, rank=ctx.rank, world_size=ctx.world_size)
+            _inject_checkpoint_fault(ctx.rank, step)
             if report is not None:
                 write_report(report, folder)
 
