@@ -293,3 +293,10 @@ def test_launcher_names_a_failed_server_as_the_server() -> None:
     failure = WorkerFailure(rank=2, returncode=1, error="WorkerLost: ...", time=0.0)
     assert failure.describe(server_rank=2).startswith("the parameter server rank 2 failed with exit code 1")
     assert failure.describe().startswith("worker rank 2 failed")
+
+
+def test_loopback_meeting_points_are_recognised() -> None:
+    from dlion.train.dist import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("10.77.0.1") and not is_loopback("no-such-host.invalid")

@@ -9,8 +9,11 @@ jobs on one machine cannot race for one.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -99,6 +102,10 @@ def setup(*, needs_group: bool, timeout_s: float, transport: str = "torch") -> D
     init_method = os.environ.get(INIT_METHOD_ENV)
     if init_method is None and "MASTER_ADDR" in os.environ:
         init_method = "env://"
+        # Ranks meeting on a loopback address are all on this host: keep Gloo's traffic on
+        # the loopback interface too, instead of whatever the hostname resolves to.
+        if is_loopback(os.environ["MASTER_ADDR"]) and sys.platform == "linux":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if init_method is None:
         if world_size > 1:
             # Waiting for peers that were never told where to meet would only time out.
@@ -118,6 +125,15 @@ def setup(*, needs_group: bool, timeout_s: float, transport: str = "torch") -> D
     )
     comm = TorchComm(None, timeout)
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend, True, comm)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) resolves to a loopback address."""
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    except (OSError, ValueError):
+        return False
 
 
 def joined(device: torch.device, timeout_s: float) -> DistContext:
