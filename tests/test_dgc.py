@@ -456,3 +456,16 @@ def test_distributed_equals_simulation() -> None:
             for got, want in zip(res["server"]["params"], res["allgather"]["params"], strict=True):
                 assert torch.equal(got, want), (world, rank)
             _check_ledger(res["server"]["steps"], info, rank, world, "server")
+
+
+def test_decode_refuses_an_index_past_its_tensor() -> None:
+    """A corrupt index would add into the next tensor: the message is refused, naming the rank."""
+    layout = _layout(torch.float32)
+    good = codec.encode(layout, [torch.tensor([99]), torch.tensor([29])], [torch.ones(1), torch.ones(1)],
+                        [torch.ones(7)])  # fmt: skip
+    bad = good.clone()
+    ids = bad[: layout.value_offset].view(torch.int32)
+    ids[0] = 100  # tensor 0 has 100 elements: its indices run 0..99
+    assert codec.decode_sum(layout, torch.stack([good, good]))[99] == 2.0
+    with pytest.raises(ValueError, match="DGC message from rank 1: slot 0 holds index 100, past its"):
+        codec.decode_sum(layout, torch.stack([good, bad]))

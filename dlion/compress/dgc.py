@@ -138,6 +138,7 @@ class WireLayout:
     n_slots: int  # S, padded
     n_dense: int  # D, padded; 0 when the dense tensors travel apart
     slot_base: torch.Tensor  # int64[S]: base of the tensor each slot belongs to (0 for fill)
+    slot_limit: torch.Tensor  # int64[S]: numel of that tensor, the bound of a valid index (0 for fill)
 
     @property
     def value_bits(self) -> int:
@@ -197,9 +198,11 @@ def plan_wire(
     value_bytes = torch.empty((), dtype=value_dtype).element_size()
     n_slots = _round_up(slots, WORD_BYTES // min(4, value_bytes))
     slot_base = torch.zeros(n_slots, dtype=torch.int64)
-    for b, off, k in zip(bases, slot_offsets, ks, strict=True):
+    slot_limit = torch.zeros(n_slots, dtype=torch.int64)
+    for b, off, k, numel in zip(bases, slot_offsets, ks, numels, strict=True):
         if off is not None and k is not None:
             slot_base[off : off + k] = b
+            slot_limit[off : off + k] = numel
     return WireLayout(
         value_dtype,
         tuple(numels),
@@ -211,6 +214,7 @@ def plan_wire(
         n_slots,
         _round_up(dense, WORD_BYTES // 4) if dense_in_message else 0,
         slot_base,
+        slot_limit,
     )
 
 
@@ -264,6 +268,14 @@ def decode_sum(layout: WireLayout, messages: torch.Tensor) -> torch.Tensor:
     dense_at = layout.dense_ranges() if layout.dense_in_message else []
     for r in range(messages.shape[0]):
         ok = idx[r] >= 0
+        # An index past its tensor would add into the next one: a corrupt message, refused.
+        out_of_range = ok & (idx[r].to(torch.int64) >= layout.slot_limit)
+        if bool(out_of_range.any()):
+            slot = int(out_of_range.nonzero()[0, 0])
+            raise ValueError(
+                f"DGC message from rank {r}: slot {slot} holds index {int(idx[r][slot])}, past its "
+                f"tensor's {int(layout.slot_limit[slot])} elements (a corrupt or foreign message)"
+            )
         # Positions within one message are distinct, so the adds of one rank do not race.
         out.index_add_(0, layout.slot_base[ok] + idx[r][ok].to(torch.int64), val[r][ok].to(torch.float32))
         for off, b, n in dense_at:
