@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_distributed_lion import BUCKET_NUMEL, GROUPS, _train, init_params, make_grads
+from test_distributed_lion import BUCKET_NUMEL, GROUPS, _train, assert_bits_equal, init_params, make_grads
 
 from dlion.kernels import pack_signs_ref
 from dlion.train.config import TrainConfig
@@ -115,13 +115,9 @@ def test_attacked_vote_matches_simulation(world: int) -> None:
             init_params(), GROUPS, make_grads(world), vote=vote, tie="random", seed=7,
             bucket_numel=BUCKET_NUMEL, attack=attack, attackers=k,
         )  # fmt: skip
+        where = (attack, vote, backend)
         for rank in range(world):
-            got = results[rank][c]
-            where = (attack, vote, backend, rank)
-            for i, (a, b) in enumerate(zip(got["params"], expect, strict=True)):
-                assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), (*where, i)
-            for i, m in got["moms"].items():
-                assert m.view(np.uint32).tolist() == moms[rank][i].view(np.uint32).tolist(), (*where, i)
+            assert_bits_equal(results[rank][c], expect, moms[rank], (*where, rank))
         if backend != "server":  # the server receives more than it sends; the others are symmetric
             assert results[world - 1][c]["step_bytes"] == results[0][c]["step_bytes"], where
         if vote == "majority":

@@ -122,12 +122,15 @@ def assert_matches_simulation(
             init_params(), GROUPS, grads, vote=vote, tie=tie, seed=7, bucket_numel=BUCKET_NUMEL
         )
         for rank in range(world):
-            got = results[rank][c]
-            where = (vote, tie, backend, rank)
-            for i, (a, b) in enumerate(zip(got["params"], expect, strict=True)):
-                assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), (*where, i)
-            for i, m in got["moms"].items():
-                assert m.view(np.uint32).tolist() == moms[rank][i].view(np.uint32).tolist(), (*where, i)
+            assert_bits_equal(results[rank][c], expect, moms[rank], (vote, tie, backend, rank))
+
+
+def assert_bits_equal(got: dict, params: list[np.ndarray], moms: list[np.ndarray], where: tuple) -> None:
+    """One rank's parameters and momenta equal the simulation's, bit for bit."""
+    for i, (a, b) in enumerate(zip(got["params"], params, strict=True)):
+        assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), (*where, i)
+    for i, m in got["moms"].items():
+        assert m.view(np.uint32).tolist() == moms[i].view(np.uint32).tolist(), (*where, i)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

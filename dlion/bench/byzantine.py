@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from dlion.bench.convergence import ints, names
-from dlion.bench.jobs import Job, run_jobs, train_argv
-from dlion.train.config import TASKS, VOTING_OPTIMIZERS
+from dlion.bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
+from dlion.train.config import TASKS
 from dlion.worker.byzantine import ATTACKS
 from dlion.worker.registry import BYZANTINE
 
@@ -49,13 +49,9 @@ class Plan:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.workers < 2:
             raise ValueError(f"workers must be >= 2 (one attacker and an honest rank), got {self.workers}")
-        lists = (("optimizers", self.optimizers, BYZANTINE), ("attacks", self.attacks, ATTACKS))
-        for name, values, allowed in lists:
-            if not values or any(v not in allowed for v in values):
-                expected = f"a non-empty list of {', '.join(allowed)}"
-                raise ValueError(f"{name} must be {expected}; got {list(values)}")
-        if not self.seeds or any(s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of ints >= 0, got {list(self.seeds)}")
+        check_names("optimizers", self.optimizers, BYZANTINE)
+        check_names("attacks", self.attacks, ATTACKS)
+        check_ints("seeds", self.seeds, low=0)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
@@ -67,7 +63,7 @@ class Plan:
     def runs(self) -> list[tuple[str, str, int, int]]:
         """(optimizer, attack, K, seed); K = 0 is one honest run, not one per attack."""
         return [
-            (o, "none" if k == 0 else a, k, s)
+            (o, run_attack(a, k), k, s)
             for o in self.optimizers
             for k in self.attackers
             for a in (self.attacks if k else self.attacks[:1])
@@ -77,13 +73,20 @@ class Plan:
     def job(self, optimizer: str, attack: str, k: int, seed: int) -> Job:
         out = self.out / "runs" / f"{optimizer}-{attack}-k{k}-s{seed}"
         flags = ["--task", self.task, "--optimizer", optimizer, "--steps", str(self.steps)]
-        flags += ["--seed", str(seed), *TASK_FLAGS[self.task]]
-        if optimizer in VOTING_OPTIMIZERS:
-            flags += ["--backend", "sharded"]
+        flags += ["--seed", str(seed), *TASK_FLAGS[self.task], *backend_flags(optimizer)]
         if k:
             flags += ["--byzantine", str(k), "--attack", attack]
         label = f"{optimizer} {attack} K={k}/{self.workers} s{seed}"
         return Job(label, train_argv(flags, workers=self.workers, out=out), out)
+
+
+def run_attack(attack: str, k: int) -> str:
+    """The attack a run is filed under: "none" for the honest run (K = 0) every attack shares."""
+    return "none" if k == 0 else attack
+
+
+def _mean_loss(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
+    return {(r["optimizer"], r["attack"], r["byzantine"]): r["final_val_loss_mean"] for r in rows}
 
 
 def collect(plan: Plan, reports: list[Path]) -> list[dict[str, Any]]:
@@ -101,7 +104,7 @@ def collect(plan: Plan, reports: list[Path]) -> list[dict[str, Any]]:
 
 def markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
     """Rows: optimizer and attack; columns: K attackers (K = 0, the honest run, in each row)."""
-    loss = {(r["optimizer"], r["attack"], r["byzantine"]): r["final_val_loss_mean"] for r in rows}
+    loss = _mean_loss(rows)
     head = " | ".join(f"K = {k}" for k in plan.attackers)
     lines = [
         f"Final validation loss, {plan.task}, N = {plan.workers} workers, {plan.steps} steps, "
@@ -112,7 +115,7 @@ def markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
     ]
     for o in plan.optimizers:
         for a in plan.attacks:
-            cells = [loss.get((o, "none" if k == 0 else a, k)) for k in plan.attackers]
+            cells = [loss.get((o, run_attack(a, k), k)) for k in plan.attackers]
             text = ["-" if c is None else f"{c:.4f}" for c in cells]
             lines.append(f"| {o} | {a} | {' | '.join(text)} |")
     return "\n".join(lines) + "\n"
@@ -124,13 +127,13 @@ def figure(plan: Plan, rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss = {(r["optimizer"], r["attack"], r["byzantine"]): r["final_val_loss_mean"] for r in rows}
+    loss = _mean_loss(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     styles = dict(zip(ATTACKS, ("-", "--", ":"), strict=True))
     for i, o in enumerate(plan.optimizers):
         for a in plan.attacks:
             ks = list(plan.attackers)
-            ys = [loss[(o, "none" if k == 0 else a, k)] for k in ks]
+            ys = [loss[(o, run_attack(a, k), k)] for k in ks]
             ax.plot(ks, ys, styles[a], marker="o", color=plt.get_cmap("tab10")(i), label=f"{o}, {a}")
     ax.set_xticks(list(plan.attackers))
     ax.set_xlabel(f"byzantine workers K (of N = {plan.workers})")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from dlion.bench import runs
-from dlion.bench.jobs import Job, run_jobs, train_argv
-from dlion.train.config import TASKS, VOTING_OPTIMIZERS
+from dlion.bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
+from dlion.train.config import TASKS
 from dlion.worker.registry import OPTIMIZER_NAMES
 
 # The distributed optimizers: `lion` is the single-process reference, not a baseline here.
@@ -48,9 +48,6 @@ TASK_LR: dict[str, dict[str, float]] = {
         "dgc": 0.1,
     },
 }
-# The votes give the same parameters on every backend (tested bit for bit); the sharded one
-# sends the fewest bits, so that is the one whose bits the loss is plotted against.
-VOTE_BACKEND = "sharded"
 # --small: minutes on a laptop, for newcomers and CI.
 SMALL_OPTIMIZERS = ("dlion-mavo", "adamw-global", "terngrad")
 SMALL_WORKERS, SMALL_SEEDS, SMALL_STEPS = (2,), (0,), 20
@@ -68,18 +65,10 @@ class Plan:
     out: Path
 
     def __post_init__(self) -> None:
-        for name, values, allowed in (
-            ("tasks", self.tasks, TASKS),
-            ("optimizers", self.optimizers, OPTIMIZER_NAMES),
-        ):
-            if not values or any(v not in allowed for v in values):
-                raise ValueError(
-                    f"{name} must be a non-empty list of {', '.join(allowed)}; got {list(values)}"
-                )
-        if not self.workers or any(w < 1 for w in self.workers):
-            raise ValueError(f"workers must be a non-empty list of ints >= 1, got {list(self.workers)}")
-        if not self.seeds or any(s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of ints >= 0, got {list(self.seeds)}")
+        check_names("tasks", self.tasks, TASKS)
+        check_names("optimizers", self.optimizers, OPTIMIZER_NAMES)
+        check_ints("workers", self.workers, low=1)
+        check_ints("seeds", self.seeds, low=0)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
@@ -99,9 +88,7 @@ class Plan:
 def command(plan: Plan, task: str, optimizer: str, workers: int, seed: int) -> list[str]:
     """The `dlion train` (or `dlion cluster`) command of one run."""
     flags = ["--task", task, "--optimizer", optimizer, "--seed", str(seed), "--steps", str(plan.steps)]
-    flags += TASK_FLAGS[task]
-    if optimizer in VOTING_OPTIMIZERS:
-        flags += ["--backend", VOTE_BACKEND]
+    flags += [*TASK_FLAGS[task], *backend_flags(optimizer)]
     lr = TASK_LR[task].get(optimizer)
     if lr is not None:
         flags += ["--lr", str(lr)]

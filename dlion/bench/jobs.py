@@ -11,9 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlion.train.config import VOTING_OPTIMIZERS
 from dlion.train.report import REPORT_FILE
 
 JOB_TIMEOUT_S = 3600.0
+# The votes give the same parameters on every backend (tested bit for bit); the sharded one
+# sends the fewest bits, so that is the one benchmarks run them on.
+VOTE_BACKEND = "sharded"
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,23 @@ def train_argv(flags: Sequence[str], *, workers: int, out: Path, rate: str | Non
         return [sys.executable, "-m", "dlion", "train", "--workers", str(workers), *tail]
     hosts = ["--hosts", str(workers), "--procs-per-host", "1", "--rate", rate]
     return [sys.executable, "-m", "dlion", "cluster", *hosts, *tail]
+
+
+def backend_flags(optimizer: str) -> list[str]:
+    """The voting optimizers on VOTE_BACKEND; the others have no backend to choose."""
+    return ["--backend", VOTE_BACKEND] if optimizer in VOTING_OPTIMIZERS else []
+
+
+def check_names(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    """A plan's list of choices: non-empty, each one of ``allowed``."""
+    if not values or any(v not in allowed for v in values):
+        raise ValueError(f"{name} must be a non-empty list of {', '.join(allowed)}; got {list(values)}")
+
+
+def check_ints(name: str, values: Sequence[int], low: int) -> None:
+    """A plan's list of integers: non-empty, each at least ``low``."""
+    if not values or any(v < low for v in values):
+        raise ValueError(f"{name} must be a non-empty list of ints >= {low}, got {list(values)}")
 
 
 def run_jobs(jobs: Sequence[Job], timeout_s: float = JOB_TIMEOUT_S) -> list[Path]:

@@ -267,17 +267,18 @@ def decode_sum(layout: WireLayout, messages: torch.Tensor) -> torch.Tensor:
     idx, val, dense = _sections(layout, messages.cpu())
     dense_at = layout.dense_ranges() if layout.dense_in_message else []
     for r in range(messages.shape[0]):
-        ok = idx[r] >= 0
+        pos = idx[r].to(torch.int64)
+        ok = pos >= 0
         # An index past its tensor would add into the next one: a corrupt message, refused.
-        out_of_range = ok & (idx[r].to(torch.int64) >= layout.slot_limit)
+        out_of_range = ok & (pos >= layout.slot_limit)
         if bool(out_of_range.any()):
             slot = int(out_of_range.nonzero()[0, 0])
             raise ValueError(
-                f"DGC message from rank {r}: slot {slot} holds index {int(idx[r][slot])}, past its "
+                f"DGC message from rank {r}: slot {slot} holds index {int(pos[slot])}, past its "
                 f"tensor's {int(layout.slot_limit[slot])} elements (a corrupt or foreign message)"
             )
         # Positions within one message are distinct, so the adds of one rank do not race.
-        out.index_add_(0, layout.slot_base[ok] + idx[r][ok].to(torch.int64), val[r][ok].to(torch.float32))
+        out.index_add_(0, layout.slot_base[ok] + pos[ok], val[r][ok].to(torch.float32))
         for off, b, n in dense_at:
             out[b : b + n] += dense[r, off : off + n]
     return out

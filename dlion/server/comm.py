@@ -69,14 +69,17 @@ class TorchComm:
             else:
                 ok = work.wait(timedelta(seconds=max(1e-3, deadline - time.monotonic())))
         except RuntimeError as err:
-            who = absent_text(roll_call(self.group, self.world_size))
             raise CollectiveTimeout(
                 f"rank {self.rank}/{self.world_size}: {what} failed or timed out "
-                f"(timeout {self.timeout}); {who}: {err}"
+                f"(timeout {self.timeout}); {self._who_is_gone()}: {err}"
             ) from err
         if ok is False:
-            who = absent_text(roll_call(self.group, self.world_size))
-            raise CollectiveTimeout(f"rank {self.rank}: {what} did not complete within {self.timeout}; {who}")
+            raise CollectiveTimeout(
+                f"rank {self.rank}: {what} did not complete within {self.timeout}; {self._who_is_gone()}"
+            )
+
+    def _who_is_gone(self) -> str:
+        return absent_text(roll_call(self.group, self.world_size))
 
     def all_gather(self, send: torch.Tensor, what: str) -> torch.Tensor:
         """send: [L] -> [world_size, L] on the transport's device, row r from rank r."""

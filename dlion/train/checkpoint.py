@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -60,16 +60,23 @@ class CheckpointStore(Protocol):
         ...
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a reader (or a resume after
-    a crash or power loss) sees the old file or the whole new one, never a torn one."""
+@contextmanager
+def durable_write(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to fill; on leaving, flushed to disk and renamed to ``path``, the folder
+    synced: a reader (or a resume after a crash or power loss) sees the old file or the
+    whole new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    with durable_write(path) as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -188,13 +195,8 @@ class DirStore:
         self.barrier()
         if self.rank != 0:
             return
-        tmp = self.root / f".latest.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / "latest")
-        _fsync_dir(self.root)
+        with durable_write(self.root / "latest") as f:
+            f.write(f"{name}\n".encode())
         old = sorted(p for p in self.root.glob("step-*") if p.is_dir() and p.name != name)
         for stale in old[: max(0, len(old) - (self.keep - 1))]:
             for leftover in stale.iterdir():

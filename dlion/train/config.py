@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from dlion.worker.byzantine import ATTACKS
+from dlion.worker.byzantine import ATTACKS, Byzantine
 from dlion.worker.config import BACKENDS, TRANSPORTS
 from dlion.worker.registry import BYZANTINE, CAUTIOUS, OPTIMIZER_NAMES
 
@@ -137,9 +137,7 @@ class TrainConfig:
         ):
             check_int(name, getattr(self, name), low=1)
         check_int("warmup_steps", self.warmup_steps, low=0)
-        check_int("byzantine", self.byzantine, low=0)
-        if self.attack not in ATTACKS:
-            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}; got {self.attack!r}")
+        Byzantine(workers=self.byzantine, attack=self.attack)  # raises naming a bad value
         if self.byzantine and self.optimizer not in BYZANTINE:
             raise ValueError(
                 f"byzantine workers are an option of {', '.join(BYZANTINE)}; got optimizer {self.optimizer!r}"

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dlion.compress.sign_ops import ops_for
 from dlion.server.ledger import Ledger
 from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
 
@@ -55,6 +56,12 @@ def config_text(config: Any, **extra: object) -> str:
     fields.pop("timeout")
     fields.update(extra)
     return repr(sorted(fields.items()))
+
+
+def first_nonfinite(grads: Sequence[torch.Tensor | None]) -> int:
+    """Index of the first gradient holding a NaN or Inf, or -1 (one pass over each, by the
+    Numba kernel for float32/float64 CPU tensors)."""
+    return next((i for i, g in enumerate(grads) if g is not None and ops_for(g.device).nonfinite(g)), -1)
 
 
 def raise_nonfinite(policy: str, *, where: str, step: int) -> None:

@@ -20,6 +20,7 @@ from dlion.worker.agreement import (
     agree_on_step,
     config_text,
     counters_state,
+    first_nonfinite,
     params_with_groups,
     raise_nonfinite,
     restore_counters,
@@ -118,7 +119,7 @@ class DGC(CommRanks, torch.optim.Optimizer):
         cfg = self.config
         # Phase 1: agree on the live tensors and on what a non-finite gradient does.
         present = np.array([g is not None for g in grads], dtype=bool)
-        bad = next((i for i, g in enumerate(grads) if g is not None and not torch.isfinite(g).all()), -1)
+        bad = first_nonfinite(grads)
         meta = agree_on_step(
             comm, check=not self._checked, params=[p for p, _ in self._flat], text=self._config_text(),
             present=present, bad=bad, ledger=self.ledger,

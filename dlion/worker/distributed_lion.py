@@ -23,6 +23,7 @@ from dlion.worker.agreement import (
     NonFiniteGradientError,
     config_text,
     counters_state,
+    first_nonfinite,
     params_with_groups,
     raise_nonfinite,
     restore_counters,
@@ -182,7 +183,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
 
     def _step_local(self, grads: list[torch.Tensor | None]) -> None:
         """World size 1: plain Lion, no bits."""
-        bad = self._first_nonfinite(grads)
+        bad = first_nonfinite(grads)
         if bad >= 0 and self._nonfinite(rank=0, index=bad):
             return
         for (p, group), g in zip(self._flat, grads, strict=True):
@@ -199,11 +200,6 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
                 cautious=self.config.cautious_wd,
             )
-
-    def _first_nonfinite(self, grads: list[torch.Tensor | None]) -> int:
-        """Index of the first tensor whose gradient holds a NaN or Inf, or -1."""
-        ops = self._ops()
-        return next((i for i, g in enumerate(grads) if g is not None and ops.nonfinite(g)), -1)
 
     def _ops(self) -> CpuSignOps | TorchSignOps:
         # torch.optim refuses an empty parameter list, so there is always a first tensor.
@@ -228,7 +224,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
                     self._server.hello(self._hello(comm.world_size))
                 self._checked = True
             present = np.array([g is not None for g in grads], dtype=bool)
-            bad = self._first_nonfinite(grads)
+            bad = first_nonfinite(grads)
             # Phase 2: metadata exchange; all ranks branch alike.
             meta = exchange_step_meta(comm, present, bad, self.ledger)
             if meta.bad_rank >= 0 and self._nonfinite(rank=meta.bad_rank, index=meta.bad_index):

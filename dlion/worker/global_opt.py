@@ -13,7 +13,7 @@ import torch.distributed as dist
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_reduce_traffic
 from dlion.server.meta import exchange_step_meta
-from dlion.worker.agreement import raise_nonfinite
+from dlion.worker.agreement import first_nonfinite, raise_nonfinite
 from dlion.worker.byzantine import Byzantine, attack_key, attack_of, corrupt_grad
 from dlion.worker.config import NONFINITE, TRANSPORTS
 from dlion.worker.lion import run_closure
@@ -91,7 +91,7 @@ class GlobalOptimizer:
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = run_closure(closure)
-        bad = next((i for i, p in enumerate(self._flat) if _nonfinite(p.grad)), -1)
+        bad = first_nonfinite([p.grad for p in self._flat])
         comm = self._comm
         if comm is not None and comm.world_size > 1:
             go = self._average_grads(comm, bad)
@@ -148,7 +148,3 @@ class GlobalOptimizer:
             return True
         finally:
             self.ledger.end_step()
-
-
-def _nonfinite(grad: torch.Tensor | None) -> bool:
-    return grad is not None and not bool(torch.isfinite(grad).all())
