@@ -2,7 +2,7 @@
 
     dlion train --workers N --optimizer NAME [--steps ...] [--out DIR] [train flags]
     dlion cluster --hosts H --procs-per-host K --rate 1gbit [train flags]
-    dlion bench PART [--small] ...      (kernels, comm, netcomm, convergence, project, byzantine, soak)
+    dlion bench PART [--small] ...      (kernels, comm, netcomm, convergence, project, byzantine, soak, gpu)
     dlion report RUN_DIR... [--out DIR]
 
 ``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local), or,
@@ -34,6 +34,7 @@ BENCH_PARTS = {
     "project": "dlion.bench.project",
     "byzantine": "dlion.bench.byzantine",
     "soak": "dlion.bench.soak",
+    "gpu": "dlion.bench.gpu",
 }
 
 

@@ -1,8 +1,9 @@
 """Sign kernels on torch tensors, picked by device.
 
 ``CpuSignOps`` runs the Numba kernels on zero-copy NumPy views of CPU tensors.
-``TorchSignOps`` is the same math in plain torch ops, for CUDA tensors (the NCCL path)
-until dedicated CUDA kernels land; the tests hold it to the CPU kernels on CPU tensors.
+``CudaSignOps`` runs the numba-cuda kernels (``dlion.kernels.cuda_ops``) on CUDA tensors.
+``TorchSignOps`` is the same math in plain torch ops on any device; the tests hold both
+to the CPU kernels.
 """
 
 from __future__ import annotations
@@ -151,5 +152,55 @@ class TorchSignOps:
         param.detach().copy_(flat.view_as(param))
 
 
-def ops_for(device: torch.device) -> CpuSignOps | TorchSignOps:
-    return CpuSignOps() if device.type == "cpu" else TorchSignOps()
+class CudaSignOps:
+    """The CUDA kernels; nothing here waits for the device."""
+
+    def sign_step(
+        self, grad: torch.Tensor, exp_avg: torch.Tensor, out: torch.Tensor, b1: float, b2: float, key: int
+    ) -> None:
+        from dlion.kernels import cuda_ops
+
+        cuda_ops.lion_sign_step(grad.detach().reshape(-1), exp_avg.view(-1), out, b1, b2, key)
+
+    def nonfinite(self, grad: torch.Tensor) -> bool:
+        return not bool(torch.isfinite(grad).all())
+
+    def combine(
+        self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from dlion.kernels import cuda_ops
+
+        n, dev = gathered.shape[0], gathered.device
+        if vote == "average":
+            return cuda_ops.count_planes(gathered), torch.from_numpy(average_table(n)).to(dev)
+        coin = n % 2 == 0 and tie != "zero"
+        win, tied = cuda_ops.majority_vote(gathered, tie_key if coin else None, start)
+        if n % 2 == 0 and tie == "zero":
+            return torch.stack([win, tied]), torch.from_numpy(TERNARY_TABLE).to(dev)
+        return win.unsqueeze(0), torch.from_numpy(MAJORITY_TABLE).to(dev)
+
+    def apply(
+        self,
+        param: torch.Tensor,
+        planes: torch.Tensor,
+        table: torch.Tensor,
+        lr: float,
+        wd: float,
+        cautious: bool = False,
+    ) -> None:
+        from dlion.kernels import cuda_ops
+
+        flat = param.detach().view(-1) if param.is_contiguous() else param.detach().reshape(-1).clone()
+        cuda_ops.apply_update(flat, planes, table.to(flat.device), lr, wd, cautious)
+        if flat.data_ptr() != param.data_ptr():
+            param.detach().copy_(flat.view_as(param))
+
+
+SignOps = CpuSignOps | TorchSignOps | CudaSignOps
+
+
+def ops_for(device: torch.device) -> SignOps:
+    """Numba CPU kernels, the CUDA kernels, or (other devices) torch ops."""
+    if device.type == "cpu":
+        return CpuSignOps()
+    return CudaSignOps() if device.type == "cuda" else TorchSignOps()

@@ -25,8 +25,13 @@ def derive_key(*parts: int) -> int:
     """A 64-bit key from a sequence of non-negative ints, the same on every rank."""
     key = 0
     for part in parts:
-        key = mix64(key ^ (part & _MASK64))
+        key = extend_key(key, part)
     return key
+
+
+def extend_key(key: int, part: int) -> int:
+    """derive_key(*parts, part) from key = derive_key(*parts): one mix, not len(parts)+1."""
+    return mix64(key ^ (part & _MASK64))
 
 
 def coin_bytes_ref(key: int, start: int, nbytes: int) -> np.ndarray:

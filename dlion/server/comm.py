@@ -20,6 +20,9 @@ import torch.distributed as dist
 
 from dlion.server.liveness import absent_text, roll_call
 
+# torch 2.13 renamed all_gather_into_tensor; the older name serves torch 2.4 to 2.12.
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete within the configured timeout."""
@@ -64,6 +67,12 @@ class TorchComm:
         if deadline is None:
             deadline = deadline_of(self.timeout)
         try:
+            if self.device.type == "cuda":
+                # NCCL: the wait only orders the current stream after the collective, so
+                # the host runs ahead; the process group's timeout bounds it (NCCL's
+                # watchdog aborts a collective that outlives it).
+                work.wait()
+                return
             if deadline is None:
                 ok = work.wait()
             else:
@@ -85,7 +94,7 @@ class TorchComm:
         """send: [L] -> [world_size, L] on the transport's device, row r from rank r."""
         send = send.to(self.device).contiguous()
         out = torch.empty((self.world_size, *send.shape), dtype=send.dtype, device=self.device)
-        work = dist.all_gather_single(out.view(-1), send, group=self.group, async_op=True)
+        work = _ALL_GATHER_SINGLE(out.view(-1), send, group=self.group, async_op=True)
         self._wait(work, what)
         return out
 

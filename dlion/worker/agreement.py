@@ -61,6 +61,11 @@ def config_text(config: Any, **extra: object) -> str:
 def first_nonfinite(grads: Sequence[torch.Tensor | None]) -> int:
     """Index of the first gradient holding a NaN or Inf, or -1 (one pass over each, by the
     Numba kernel for float32/float64 CPU tensors)."""
+    on_gpu = [g for g in grads if g is not None and g.is_cuda]
+    if on_gpu and bool(torch.isfinite(torch.stack(torch._foreach_norm(on_gpu, float("inf")))).all()):
+        # One fused max-norm over every CUDA gradient, one host read per step; the
+        # tensor-by-tensor scan below runs only to name a bad one.
+        grads = [None if g is not None and g.is_cuda else g for g in grads]
     return next((i for i, g in enumerate(grads) if g is not None and ops_for(g.device).nonfinite(g)), -1)
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from dlion.compress.sign import TIE_STREAM, ZERO_STREAM, result_layout
-from dlion.compress.sign_ops import CpuSignOps, TorchSignOps, ops_for
-from dlion.kernels import derive_key
+from dlion.compress.sign_ops import SignOps, ops_for
+from dlion.kernels.reference import derive_key, extend_key
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import Ledger
 from dlion.server.meta import check_fingerprint, exchange_step_meta
@@ -31,6 +31,7 @@ from dlion.worker.agreement import (
 from dlion.worker.buckets import Bucket, plan_buckets
 from dlion.worker.byzantine import Byzantine, attack_key, attack_of, corrupt_signs
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
+from dlion.worker.flat import FlatBuckets
 from dlion.worker.lion import lion_update, run_closure
 
 __all__ = ["DistributedLion", "NonFiniteGradientError"]  # the error lives in agreement
@@ -133,6 +134,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
         ]
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self._server = ServerClient(server, self.ledger) if server is not None else None
+        self._flats = FlatBuckets(self._buckets, self._flat)  # CUDA: one launch per bucket
         self.steps_taken = 0  # steps that ran (skipped ones included): keys the coins
         self.skipped_steps = 0
         self._checked = False
@@ -183,6 +185,11 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
 
     def _step_local(self, grads: list[torch.Tensor | None]) -> None:
         """World size 1: plain Lion, no bits."""
+        self._flats.bind(self.state)
+        if self._flats.all_flat and all(g is not None for g in grads):
+            if not bool(self._flats.lion(grads, self.config.cautious_wd)):  # read after the launches
+                self._nonfinite(rank=0, index=first_nonfinite(grads))
+            return
         bad = first_nonfinite(grads)
         if bad >= 0 and self._nonfinite(rank=0, index=bad):
             return
@@ -201,7 +208,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
                 cautious=self.config.cautious_wd,
             )
 
-    def _ops(self) -> CpuSignOps | TorchSignOps:
+    def _ops(self) -> SignOps:
         # torch.optim refuses an empty parameter list, so there is always a first tensor.
         return ops_for(self._flat[0][0].device)
 
@@ -224,7 +231,8 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
                     self._server.hello(self._hello(comm.world_size))
                 self._checked = True
             present = np.array([g is not None for g in grads], dtype=bool)
-            bad = first_nonfinite(grads)
+            flats = self._flats.bind(self.state)
+            bad = self._flats.stage_and_scan(grads)
             # Phase 2: metadata exchange; all ranks branch alike.
             meta = exchange_step_meta(comm, present, bad, self.ledger)
             if meta.bad_rank >= 0 and self._nonfinite(rank=meta.bad_rank, index=meta.bad_index):
@@ -234,21 +242,27 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
             for k, bucket in enumerate(self._buckets):
                 # Phase 3: fused sign step into the bucket's send buffer.
                 send = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=self._flat[0][0].device)
+                flat = flats[k] if all(meta.present[s.index] for s in bucket.slots) else None
+                if flat is not None:
+                    prefix = derive_key(cfg.seed, ZERO_STREAM, self.steps_taken, comm.rank)
+                    keys = [extend_key(prefix, s.index) for s in bucket.slots]
+                    flat.sign_step(send, self._flats.scalars(k)[0], keys)
                 for s in bucket.slots:
                     if not meta.present[s.index]:
                         continue
                     p, group = self._flat[s.index]
                     g = grads[s.index]
-                    b1, b2 = group["betas"]
-                    key = derive_key(cfg.seed, ZERO_STREAM, self.steps_taken, comm.rank, s.index)
-                    ops.sign_step(
-                        g if g is not None else torch.zeros_like(p),
-                        self._momentum(p),
-                        send[s.byte_offset : s.byte_offset + s.nbytes],
-                        b1,
-                        b2,
-                        key,
-                    )
+                    if flat is None:
+                        b1, b2 = group["betas"]
+                        key = derive_key(cfg.seed, ZERO_STREAM, self.steps_taken, comm.rank, s.index)
+                        ops.sign_step(
+                            g if g is not None else torch.zeros_like(p),
+                            self._momentum(p),
+                            send[s.byte_offset : s.byte_offset + s.nbytes],
+                            b1,
+                            b2,
+                            key,
+                        )
                     if self._attack is not None:
                         where = send[s.byte_offset : s.byte_offset + s.nbytes]
                         bad_key = attack_key(cfg.seed, self.steps_taken, comm.rank, s.index)
@@ -261,6 +275,9 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
 
                 planes, table = self._exchange(comm, send, k, combine)
                 # Phase 6: apply the same update on every rank.
+                if flat is not None:
+                    flat.apply(planes, table, self._flats.scalars(k)[1], cfg.cautious_wd)
+                    continue
                 for s in bucket.slots:
                     if meta.present[s.index]:
                         p, group = self._flat[s.index]
@@ -313,3 +330,4 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(restore_counters(self, state_dict, "dlion"))
         self._flat = params_with_groups(self.param_groups)
+        self._flats.groups_from(self._flat)
