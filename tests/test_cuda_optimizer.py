@@ -60,6 +60,13 @@ def test_nccl_force_comm_equals_cpu(nccl_group: object, backend: str, vote: str,
     _same(_train("cuda", dtype, pg=nccl_group, **kw), _train("cpu", dtype, **kw))
 
 
+@pytest.mark.parametrize("backend", ["allgather", "sharded", "server"])
+def test_gloo_with_cuda_tensors_equals_cpu(nccl_group: object, backend: str) -> None:
+    """The default group is Gloo: CUDA bits go through pinned host buffers and back."""
+    kw = {"backend": backend, "force_comm": True}
+    _same(_train("cuda", torch.float32, **kw), _train("cpu", torch.float32, **kw))
+
+
 def test_local_step_equals_cpu() -> None:
     _same(_train("cuda", torch.float32), _train("cpu", torch.float32))
 
@@ -109,5 +116,27 @@ def test_resume_on_gpu_equals_unbroken(nccl_group: object) -> None:
                 p.grad = torch.randn(p.shape, generator=gen).cuda()
             opt.step()
         return [p.detach().cpu() for p in params]
+
+    _same(run(True), run(False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overlap_on_a_side_stream_equals_plain(nccl_group: object, dtype: torch.dtype) -> None:
+    """Buckets launched from gradient hooks on a side stream, during a real backward."""
+
+    def run(overlap: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(6))).to("cuda", dtype)
+        opt = DistributedLion(
+            model.parameters(), lr=0.01, weight_decay=0.1, bucket_numel=4096, force_comm=True,
+            process_group=nccl_group, backend="sharded", overlap=overlap,  # type: ignore[arg-type]
+        )  # fmt: skip
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(4):
+            opt.zero_grad()
+            x = torch.randn(32, 64, device="cuda", generator=gen).to(dtype)
+            model(x).float().square().mean().backward()
+            opt.step()
+        return [p.detach().cpu() for p in model.parameters()]
 
     _same(run(True), run(False))

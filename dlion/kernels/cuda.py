@@ -147,10 +147,11 @@ def _tile_slots(starts, ends, base, t, nt, n, slot, live):
 
 
 @cuda.jit
-def bucket_sign_step(grad, kind, exp_avg, out, starts, ends, betas, keys, ok):
+def bucket_sign_step(grad, kind, exp_avg, out, starts, ends, betas, keys, ok, m_out):
     # grad: [8*W] (kind), exp_avg: float32[8*W], out: uint8[W]; per slot s: starts[s]
     # first byte, ends[s] = 8*starts[s] + numel, betas[s] = (b1, 1-b1, b2, 1-b2) float32,
     # keys[s] the zero-coin key (uint64 bits). Bytes past a slot's elements come out 0.
+    # The new momentum goes to m_out (exp_avg itself, or a buffer committed later).
     # A block owns 8*blockDim elements: each thread loads its 8 (coalesced across the
     # block, all loads issued before any store), parks the sign flags in shared memory,
     # then packs one byte.
@@ -174,7 +175,7 @@ def bucket_sign_step(grad, kind, exp_avg, out, starts, ends, betas, keys, ok):
             c = _add(_mul(betas[s, 0], m), _mul(betas[s, 1], g))
             pos = 1 if c > 0 else 0
             zero = 1 if c == 0 else 0
-            exp_avg[base + t + k * nt] = _add(_mul(betas[s, 2], m), _mul(betas[s, 3], g))
+            m_out[base + t + k * nt] = _add(_mul(betas[s, 2], m), _mul(betas[s, 3], g))
         pos_sh[t + k * nt] = pos
         zero_sh[t + k * nt] = zero
     cuda.syncthreads()

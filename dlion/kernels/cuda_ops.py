@@ -117,8 +117,10 @@ def bucket_sign_step(
     betas: torch.Tensor,
     keys: torch.Tensor,
     ok: torch.Tensor | None = None,
+    m_out: torch.Tensor | None = None,
 ) -> None:
-    """Fused worker step over a flat bucket: out <- signs of c, exp_avg updated in place."""
+    """Fused worker step over a flat bucket: out <- signs of c; the new momentum goes to
+    ``m_out`` (default: exp_avg, in place)."""
     kind = _kind(grad, "grad")
     if exp_avg.dtype != torch.float32 or exp_avg.numel() != grad.numel() or 8 * out.numel() < grad.numel():
         raise ValueError(
@@ -126,7 +128,10 @@ def bucket_sign_step(
             f"got {exp_avg.dtype}[{exp_avg.numel()}] and {out.numel()}"
         )
     args = (_arr(grad), kind, _arr(exp_avg), _arr(out), _arr(slots.starts), _arr(slots.ends))
-    _launch(k.bucket_sign_step, out.numel(), *args, _arr(betas), _arr(keys), _arr(_ok(ok, grad.device)))
+    m_next = _arr(m_out if m_out is not None else exp_avg)
+    _launch(
+        k.bucket_sign_step, out.numel(), *args, _arr(betas), _arr(keys), _arr(_ok(ok, grad.device)), m_next
+    )
 
 
 def bucket_apply(

@@ -87,12 +87,24 @@ class TorchComm:
                 f"rank {self.rank}: {what} did not complete within {self.timeout}; {self._who_is_gone()}"
             )
 
+    def on_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """t, contiguous, on this transport's device. Gloo given a CUDA tensor stages it in
+        pinned host memory: one device-to-host copy, which the collective waits for anyway."""
+        if t.device == self.device:
+            return t.contiguous()
+        if t.is_cuda and self.device.type == "cpu":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(t.device).synchronize()
+            return host
+        return t.to(self.device).contiguous()
+
     def _who_is_gone(self) -> str:
         return absent_text(roll_call(self.group, self.world_size))
 
     def all_gather(self, send: torch.Tensor, what: str) -> torch.Tensor:
         """send: [L] -> [world_size, L] on the transport's device, row r from rank r."""
-        send = send.to(self.device).contiguous()
+        send = self.on_wire(send)
         out = torch.empty((self.world_size, *send.shape), dtype=send.dtype, device=self.device)
         work = _ALL_GATHER_SINGLE(out.view(-1), send, group=self.group, async_op=True)
         self._wait(work, what)
@@ -100,7 +112,7 @@ class TorchComm:
 
     def all_to_all(self, send: torch.Tensor, what: str) -> torch.Tensor:
         """send: [N*s], shard j for rank j -> [N, s], row r = rank r's shard for this rank."""
-        send = send.to(self.device).contiguous()
+        send = self.on_wire(send)
         if send.numel() % self.world_size:
             raise ValueError(f"{what}: {send.numel()} elements do not split into {self.world_size} shards")
         out = torch.empty(
@@ -112,7 +124,7 @@ class TorchComm:
 
     def gather(self, send: torch.Tensor, root: int, what: str) -> torch.Tensor | None:
         """send: [L] -> [world_size, L] on ``root``, None elsewhere."""
-        send = send.to(self.device).contiguous()
+        send = self.on_wire(send)
         out = None
         parts = None
         if self.rank == root:
@@ -124,7 +136,7 @@ class TorchComm:
 
     def broadcast(self, buf: torch.Tensor, root: int, what: str) -> torch.Tensor:
         """In place: every rank's ``buf`` ends as ``root``'s (same shape and dtype everywhere)."""
-        buf = buf.to(self.device).contiguous()
+        buf = self.on_wire(buf)
         work = dist.broadcast(buf, src=root, group=self.group, async_op=True)
         self._wait(work, what)
         return buf
@@ -135,7 +147,7 @@ class TorchComm:
         self._wait(work, what)
 
     def isend(self, buf: torch.Tensor, dst: int, what: str) -> Pending:
-        buf = buf.to(self.device).contiguous()
+        buf = self.on_wire(buf)
         with self._posting(dst, what):
             return Pending(dist.isend(buf, group=self.group, group_dst=dst), buf, what, dst)
 

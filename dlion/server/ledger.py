@@ -100,6 +100,10 @@ class Ledger:
     def begin_step(self) -> None:
         self._open = []
 
+    @property
+    def in_step(self) -> bool:
+        return self._open is not None
+
     def record(self, rec: CollectiveRecord) -> None:
         if self._open is None:
             raise RuntimeError("Ledger.record called outside a step")

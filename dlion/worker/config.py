@@ -46,6 +46,9 @@ def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
+OVERLAP_BACKENDS = ("allgather", "sharded")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DistributedLionConfig:
     """How DistributedLion communicates; per-group lr/betas/weight_decay live in param groups.
@@ -76,6 +79,9 @@ class DistributedLionConfig:
                   same on every rank, so ranks stay bit-identical.
     byzantine:    the last K ranks send corrupted bits (dlion.worker.byzantine), for
                   measuring robustness; None: every rank is honest.
+    overlap:      start each bucket's sign step and exchange from gradient hooks, during
+                  backward (dlion.worker.overlap); one backward per step. allgather and
+                  sharded backends, torch transport.
     """
 
     vote: Vote = "majority"
@@ -89,6 +95,7 @@ class DistributedLionConfig:
     timeout: timedelta | None = None
     cautious_wd: bool = False
     byzantine: Byzantine | None = None
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         _one_of("vote", self.vote, VOTES)
@@ -106,5 +113,12 @@ class DistributedLionConfig:
             raise ValueError(f"cautious_wd must be a bool, got {self.cautious_wd!r}")
         if self.byzantine is not None and not isinstance(self.byzantine, Byzantine):
             raise ValueError(f"byzantine must be a dlion Byzantine or None, got {self.byzantine!r}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
+        if self.overlap and (self.backend not in OVERLAP_BACKENDS or self.transport != "torch"):
+            raise ValueError(
+                f"overlap=True needs backend 'allgather' or 'sharded' with transport 'torch', "
+                f"got backend={self.backend!r}, transport={self.transport!r}"
+            )
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout!r}")

@@ -10,14 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dlion.compress.sign import TIE_STREAM, ZERO_STREAM, result_layout
+from dlion.compress.sign import result_layout
 from dlion.compress.sign_ops import SignOps, ops_for
-from dlion.kernels.reference import derive_key, extend_key
 from dlion.server.comm import TorchComm, world_comm
 from dlion.server.ledger import Ledger
 from dlion.server.meta import check_fingerprint, exchange_step_meta
 from dlion.server.ps import Hello, ServerClient, ServerLink
-from dlion.server.topology import TOPOLOGIES, BucketWire, align_bytes, server_vote
+from dlion.server.topology import BucketWire, align_bytes
 from dlion.worker.agreement import (
     CommRanks,
     NonFiniteGradientError,
@@ -28,16 +27,18 @@ from dlion.worker.agreement import (
     raise_nonfinite,
     restore_counters,
 )
+from dlion.worker.bucket_phases import BucketPhases, Voted
 from dlion.worker.buckets import Bucket, plan_buckets
-from dlion.worker.byzantine import Byzantine, attack_key, attack_of, corrupt_signs
+from dlion.worker.byzantine import Byzantine, attack_of
 from dlion.worker.config import DistributedLionConfig, Tie, Vote, check_lion_hyperparameters
 from dlion.worker.flat import FlatBuckets
 from dlion.worker.lion import lion_update, run_closure
+from dlion.worker.overlap import Overlap
 
 __all__ = ["DistributedLion", "NonFiniteGradientError"]  # the error lives in agreement
 
 
-class DistributedLion(CommRanks, torch.optim.Optimizer):
+class DistributedLion(BucketPhases, CommRanks, torch.optim.Optimizer):
     """Distributed Lion (Liu et al., NeurIPS 2024): a drop-in torch.optim.Optimizer.
 
     Every rank keeps its own Lion momentum. Per step, with N ranks:
@@ -68,6 +69,10 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
       6. Apply: p <- p*(1 - lr*wd) - lr*update, with each param group's lr and wd
          (with ``cautious_wd``, no decay where the update and p have opposite signs).
 
+    With ``overlap=True``, phases 3-5 of a bucket start from gradient hooks as soon as its
+    gradients are in (dlion.worker.overlap), and step() runs phase 2 after them; the new
+    momentum is committed only once the step goes ahead, so results are the same.
+
     With world size 1 (or no process group) and ``force_comm=False``, steps 1-2 and 4-5
     are skipped and the update is exactly ``dlion.Lion``'s. ``ledger`` records every
     collective's bytes (payload, padding, metadata) per step.
@@ -93,6 +98,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
         server: ServerLink | None = None,
         cautious_wd: bool = False,
         byzantine: Byzantine | None = None,
+        overlap: bool = False,
     ) -> None:
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
         self.config = DistributedLionConfig(
@@ -107,6 +113,7 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
             timeout=timeout,
             cautious_wd=cautious_wd,
             byzantine=byzantine,
+            overlap=overlap,
         )
         if server is not None and backend != "server":
             raise ValueError(
@@ -135,6 +142,10 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self._server = ServerClient(server, self.ledger) if server is not None else None
         self._flats = FlatBuckets(self._buckets, self._flat)  # CUDA: one launch per bucket
+        self._overlap: Overlap | None = None
+        if overlap and self._comm is not None and (self._comm.world_size > 1 or force_comm):
+            params = [[self._flat[s.index][0] for s in b.slots] for b in self._buckets]
+            self._overlap = Overlap(params, self._overlap_launch)
         self.steps_taken = 0  # steps that ran (skipped ones included): keys the coins
         self.skipped_steps = 0
         self._checked = False
@@ -220,9 +231,8 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
         return True
 
     def _step_distributed(self, comm: TorchComm, grads: list[torch.Tensor | None]) -> None:
-        cfg = self.config
-        ops = self._ops()
-        self.ledger.begin_step()
+        if not self.ledger.in_step:  # a gradient hook may have opened it (overlap)
+            self.ledger.begin_step()
         try:
             # Phase 1: local checks, and once, the fingerprint exchange.
             if not self._checked:
@@ -231,79 +241,38 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
                     self._server.hello(self._hello(comm.world_size))
                 self._checked = True
             present = np.array([g is not None for g in grads], dtype=bool)
-            flats = self._flats.bind(self.state)
+            self._flats.bind(self.state)
             bad = self._flats.stage_and_scan(grads)
+            # With overlap, buckets whose gradients all came in during backward already
+            # ran phases 3-5 from the gradient hooks; the rest run now, in the same order.
+            early = self._overlap.collect() if self._overlap is not None and self._overlap.armed else None
             # Phase 2: metadata exchange; all ranks branch alike.
             meta = exchange_step_meta(comm, present, bad, self.ledger)
             if meta.bad_rank >= 0 and self._nonfinite(rank=meta.bad_rank, index=meta.bad_index):
-                return
+                return  # deferred momenta are dropped: the step never happened
             if self._server is not None:
                 self._server.begin_step(self.steps_taken)
-            for k, bucket in enumerate(self._buckets):
-                # Phase 3: fused sign step into the bucket's send buffer.
-                send = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=self._flat[0][0].device)
-                flat = flats[k] if all(meta.present[s.index] for s in bucket.slots) else None
-                if flat is not None:
-                    prefix = derive_key(cfg.seed, ZERO_STREAM, self.steps_taken, comm.rank)
-                    keys = [extend_key(prefix, s.index) for s in bucket.slots]
-                    flat.sign_step(send, self._flats.scalars(k)[0], keys)
-                for s in bucket.slots:
-                    if not meta.present[s.index]:
-                        continue
-                    p, group = self._flat[s.index]
-                    g = grads[s.index]
-                    if flat is None:
-                        b1, b2 = group["betas"]
-                        key = derive_key(cfg.seed, ZERO_STREAM, self.steps_taken, comm.rank, s.index)
-                        ops.sign_step(
-                            g if g is not None else torch.zeros_like(p),
-                            self._momentum(p),
-                            send[s.byte_offset : s.byte_offset + s.nbytes],
-                            b1,
-                            b2,
-                            key,
-                        )
-                    if self._attack is not None:
-                        where = send[s.byte_offset : s.byte_offset + s.nbytes]
-                        bad_key = attack_key(cfg.seed, self.steps_taken, comm.rank, s.index)
-                        corrupt_signs(where, s.numel, self._attack, bad_key)
-                # Phases 4-5: exchange the packed bits and vote, by the chosen topology.
-                tie_key = derive_key(cfg.seed, TIE_STREAM, self.steps_taken, k)
-
-                def combine(packets: torch.Tensor, start: int, key: int = tie_key) -> Any:
-                    return ops.combine(packets, vote=cfg.vote, tie=cfg.tie, tie_key=key, start=start)
-
-                planes, table = self._exchange(comm, send, k, combine)
-                # Phase 6: apply the same update on every rank.
-                if flat is not None:
-                    flat.apply(planes, table, self._flats.scalars(k)[1], cfg.cautious_wd)
-                    continue
-                for s in bucket.slots:
-                    if meta.present[s.index]:
-                        p, group = self._flat[s.index]
-                        ops.apply(
-                            p,
-                            planes[:, s.byte_offset : s.byte_offset + s.nbytes],
-                            table,
-                            group["lr"],
-                            group["weight_decay"],
-                            cfg.cautious_wd,
-                        )
+            for k in range(len(self._buckets)):
+                # Phases 3-5: sign bits, exchange, vote (unless overlap ran them); phase 6: apply.
+                if early is not None:
+                    voted = early[k]
+                else:
+                    voted = self._vote_bucket(comm, k, grads, meta.present, defer=False)
+                self._apply_bucket(k, voted, meta.present)
         finally:
             self.ledger.end_step()
+            if self._overlap is not None:
+                self._overlap.armed = True  # the first step has checked the fingerprint
 
-    def _exchange(self, comm: TorchComm, send: torch.Tensor, k: int, combine: Any) -> Any:
-        cfg = self.config
-        if cfg.backend == "server":
-            # Workers size the server's reply before it arrives: no length on the wire.
-            planes, table = result_layout(vote=cfg.vote, tie=cfg.tie, n_workers=comm.world_size)
-            if self._server is not None:
-                return self._server.exchange(send, self._wires[k], planes), torch.from_numpy(table)
-            return server_vote(
-                comm, send, self._wires[k], combine, self.ledger,
-                result_planes=planes, table=torch.from_numpy(table).to(send.device),
-            )  # fmt: skip
-        return TOPOLOGIES[cfg.backend](comm, send, self._wires[k], combine, self.ledger)
+    def _overlap_launch(self, k: int, bucket_grads: list[torch.Tensor | None]) -> Voted:
+        """From a gradient hook: phases 3-5 of bucket k, its momentum deferred."""
+        assert self._comm is not None
+        if not self.ledger.in_step:
+            self.ledger.begin_step()
+        grads: list[torch.Tensor | None] = [None] * len(self._flat)
+        for s, g in zip(self._buckets[k].slots, bucket_grads, strict=True):
+            grads[s.index] = g
+        return self._vote_bucket(self._comm, k, grads, None, defer=True)
 
     def _config_text(self) -> str:
         return config_text(self.config, server="dedicated" if self._server is not None else "rank 0")
@@ -318,8 +287,12 @@ class DistributedLion(CommRanks, torch.optim.Optimizer):
         """End of training: a dedicated parameter server stops once every worker closes.
 
         Call it on every worker after the last step. Returns the server's traffic totals
-        (None without a dedicated server); calling it again returns them again.
+        (None without a dedicated server); calling it again returns them again. With
+        ``overlap``, it also removes the gradient hooks.
         """
+        if self._overlap is not None:
+            self._overlap.remove()
+            self._overlap = None
         return self._server.close() if self._server is not None else None
 
     def state_dict(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class FlatBucket:
         self._m_views = [self._view(self.m_flat, i) for i in range(len(self.params))]
         self._grad_views: list[torch.Tensor] = []
         self._tables: dict[tuple[str, tuple[Any, ...]], torch.Tensor] = {}
+        self._m_next: torch.Tensor | None = None  # deferred momentum (overlap)
         self.slots = cuda_ops.Slots.of(
             [s.byte_offset for s in bucket.slots], [s.numel for s in bucket.slots], dev
         )
@@ -107,12 +108,28 @@ class FlatBucket:
             self._tables[key] = make(values, self.param_flat.device)
         return self._tables[key]
 
-    def sign_step(self, send: torch.Tensor, betas: Any, keys: Any) -> None:
-        """The fused worker step on the staged gradients, into ``send``."""
+    def sign_step(self, send: torch.Tensor, betas: Any, keys: Any, *, defer: bool = False) -> None:
+        """The fused worker step on the staged gradients, into ``send``. With ``defer``
+        the new momentum waits in a second buffer for commit()."""
         keys_t = cuda_ops.keys_table(keys, self.param_flat.device)  # new every step
-        cuda_ops.bucket_sign_step(
-            self._staged(), self.m_flat, send, self.slots, self._table("betas", betas), keys_t
-        )
+        m_out = None
+        if defer:
+            if self._m_next is None:
+                self._m_next = torch.zeros_like(self.m_flat)
+            m_out = self._m_next
+        staged, betas_t = self._staged(), self._table("betas", betas)
+        cuda_ops.bucket_sign_step(staged, self.m_flat, send, self.slots, betas_t, keys_t, m_out=m_out)
+
+    def commit(self, present: Sequence[bool]) -> None:
+        """Take the deferred momentum of the slots that are ``present``."""
+        if self._m_next is None:
+            raise RuntimeError("commit() without a deferred sign_step")
+        if all(present):
+            self.m_flat.copy_(self._m_next)
+            return
+        for i, keep in enumerate(present):
+            if keep:
+                self._m_views[i].copy_(self._view(self._m_next, i))
 
     def apply(self, planes: torch.Tensor, table: torch.Tensor, lr_wd: Any, cautious: bool) -> None:
         lrs = self._table("lrs", lr_wd)
@@ -158,6 +175,9 @@ class FlatBuckets:
             if item is not None:
                 item.bind(state)
         return self._items
+
+    def item(self, k: int) -> FlatBucket | None:
+        return self._items[k] if self._items is not None else None
 
     def groups_from(self, flat: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """load_state_dict replaced the param groups: read hyperparameters from these."""

@@ -1,0 +1,101 @@
+"""Overlap: a bucket's sign step and exchange start from gradient hooks during backward.
+
+Every rank launches the buckets in one fixed order (last bucket first, as backward meets
+them), each as soon as all its gradients are in and every bucket before it in that order
+has gone, so the collectives pair up across ranks whatever the timing. step() launches
+what backward did not (a tensor with no gradient holds its bucket back) and applies the
+results. The sign step runs before the ranks agree on the step (a NaN somewhere, a tensor
+without gradients anywhere), so the new momentum waits in a buffer until step() commits
+it: results equal the non-overlapped step's, bit for bit.
+
+On CUDA the buckets run on a side stream, so they overlap the rest of the backward pass;
+on the CPU (Gloo) the exchange runs inside the hook, which orders but does not overlap.
+One backward per step: a gradient that changes after its bucket left raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+from dlion.worker.bucket_phases import Voted
+
+
+class Overlap:
+    def __init__(
+        self,
+        params: Sequence[Sequence[torch.Tensor]],
+        launch: Callable[[int, list[torch.Tensor | None]], Voted],
+    ) -> None:
+        self._params = [list(ps) for ps in params]  # per bucket
+        self._launch = launch
+        self._order = list(range(len(self._params)))[::-1]
+        self._ready: list[set[int]] = [set() for _ in self._params]
+        self._voted: dict[int, Voted] = {}
+        self._next = 0
+        self.armed = False  # set after the first step, once the fingerprint exchange is done
+        first = self._params[0][0]
+        self._side = torch.cuda.Stream(first.device) if first.is_cuda else None
+        self._handles = [
+            p.register_post_accumulate_grad_hook(partial(self._on_grad, k, i))
+            for k, ps in enumerate(self._params)
+            for i, p in enumerate(ps)
+        ]
+
+    def _on_grad(self, k: int, i: int, _param: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        if k in self._voted:
+            raise RuntimeError(
+                f"the gradient of bucket {k} changed after its exchange started: overlap=True "
+                "takes one backward per optimizer step (for gradient accumulation use overlap=False)"
+            )
+        self._ready[k].add(i)
+        while self._next < len(self._order) and len(self._ready[self._order[self._next]]) == len(
+            self._params[self._order[self._next]]
+        ):
+            self._run_next()
+
+    def _run_next(self) -> None:
+        k = self._order[self._next]
+        grads = [p.grad for p in self._params[k]]
+        if self._side is None:
+            self._voted[k] = self._launch(k, grads)
+        else:
+            main = torch.cuda.current_stream()
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                for g in grads:
+                    if g is not None:
+                        g.record_stream(self._side)  # backward may free it meanwhile
+                voted = self._launch(k, grads)
+            voted.record_stream(main)
+            self._voted[k] = voted
+        self._next += 1
+
+    def collect(self) -> list[Voted]:
+        """Launch the buckets backward did not, in order; every bucket's result."""
+        try:
+            while self._next < len(self._order):
+                self._run_next()
+            if self._side is not None:
+                torch.cuda.current_stream().wait_stream(self._side)
+            return [self._voted[k] for k in range(len(self._params))]
+        finally:
+            self.reset()
+
+    def reset(self) -> None:
+        self._ready = [set() for _ in self._params]
+        self._voted = {}
+        self._next = 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __getstate__(self) -> Any:
+        raise TypeError("Overlap holds hooks and streams; it is not picklable")
