@@ -7,12 +7,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from dlion.server.ps import ParameterServer, WorkerLost, split_server
+from dlion.version import VERSION
 from dlion.worker.agreement import NonFiniteGradientError
 from dlion.worker.distributed_lion import DistributedLion
 from dlion.worker.global_opt import GlobalOptimizer
 from dlion.worker.lion import Lion, lion_update
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "DistributedLion",

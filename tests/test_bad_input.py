@@ -116,6 +116,26 @@ def test_mismatched_parameter_lists_fail_on_every_rank() -> None:
         assert "rank 1 tensors=3 vs rank 0 tensors=2" in value
 
 
+def _other_release(rank: int, world: int) -> str:
+    from dlion import version
+
+    if rank == 1:
+        version.VERSION = "0.0.9"
+    params = [torch.nn.Parameter(torch.zeros(5))]
+    opt = dlion.DistributedLion(params)
+    params[0].grad = torch.ones(5)
+    try:
+        opt.step()
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_a_rank_on_another_dlion_release_fails_on_every_rank() -> None:
+    for value in run_ok(_other_release, 2):
+        assert "ranks disagree on the dlion release" in value and "rank 1 format+version=" in value, value
+
+
 def test_global_all_reduce_refuses_a_nonfinite_gradient_on_every_rank() -> None:
     """adamw-global would all-reduce one rank's Inf into every rank's weights: instead every
     rank raises naming it, or with nonfinite="skip" every rank skips the step."""

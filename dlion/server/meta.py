@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dlion import version
 from dlion.server.comm import TorchComm
 from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
 
-FINGERPRINT_FIELDS = ("format", "tensors", "elements", "shapes+dtypes", "config")
+FINGERPRINT_FIELDS = ("format+version", "tensors", "elements", "shapes+dtypes", "config")
 _FORMAT = 1  # bump when the wire format changes
 
 
@@ -32,7 +33,9 @@ def check_fingerprint(
 ) -> None:
     """Raise ValueError on every rank if any rank's parameters or config differ."""
     shapes = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
-    mine = [_FORMAT, len(params), sum(p.numel() for p in params), _crc(shapes), _crc(config_text)]
+    # Ranks on another dlion release may round or lay out bits differently: refuse them too.
+    release = _crc(f"wire format {_FORMAT}, dlion {version.VERSION}")
+    mine = [release, len(params), sum(p.numel() for p in params), _crc(shapes), _crc(config_text)]
     send = torch.tensor(mine, dtype=torch.int64)
     gathered = comm.all_gather(send, "fingerprint all_gather").cpu().tolist()
     sent, received = all_gather_traffic(Traffic(metadata=64 * len(mine)), comm.world_size)
@@ -45,8 +48,8 @@ def check_fingerprint(
     ]
     if diffs:
         raise ValueError(
-            "ranks disagree on the parameter list or optimizer config (every rank must build the "
-            "same model and optimizer): " + "; ".join(diffs)
+            "ranks disagree on the dlion release, the parameter list or the optimizer config "
+            "(every rank must run the same dlion and build the same model and optimizer): " + "; ".join(diffs)
         )
 
 
