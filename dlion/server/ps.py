@@ -227,24 +227,38 @@ class ParameterServer:
 
     def _handshake(self) -> Hello:
         headers = self._gather((_HEADER,), torch.int64, "hello").cpu().tolist()
-        problems = [f"worker rank {r}: {e}" for r, h in enumerate(headers) if (e := _header_error(h))]
-        n_buckets = headers[0][7]
-        layouts = [] if problems else self._gather((2 * n_buckets,), torch.int64, "layout").cpu().tolist()
+        bad = {r: e for r, h in enumerate(headers) if (e := _header_error(h))}
+        problems = [f"worker rank {r}: {e}" for r, e in bad.items()]
+        # A worker whose header is sound sends its layout next: take it, or that worker
+        # would block in the send and the real problem would surface as a timeout.
+        layouts = {}
+        for r in (r for r in self.workers if r not in bad):
+            buf = torch.empty(2 * headers[r][7], dtype=torch.int64, device=self.comm.device)
+            self._wait([self.comm.irecv(buf, r, f"layout from worker rank {r}")])
+            layouts[r] = buf.cpu().tolist()
         if not problems:
             problems += [
-                f"worker rank {r} sent {h + lay}, rank 0 sent {headers[0] + layouts[0]}"
-                for r, (h, lay) in enumerate(zip(headers, layouts, strict=True))
-                if (h, lay) != (headers[0], layouts[0])
+                f"worker rank {r} sent {h + layouts[r]}, rank 0 sent {headers[0] + layouts[0]}"
+                for r, h in enumerate(headers)
+                if (h, layouts[r]) != (headers[0], layouts[0])
             ]
         if not problems and headers[0][2] != len(self.workers):
             problems.append(f"workers count {headers[0][2]} of themselves, the job has {len(self.workers)}")
-        self._reply(torch.tensor([MAGIC, 1 if problems else 0], dtype=torch.int64), "hello ack")
         n = len(self.workers)
-        hello_bits = 64 * (_HEADER + 2 * n_buckets) if not problems else 64 * _HEADER
-        self._record("hello", "gather", received=Traffic(metadata=hello_bits * n), outside=True)
+        n_buckets = headers[0][7] if not problems else 0
+        self._record(
+            "hello", "gather", received=Traffic(metadata=64 * (_HEADER + 2 * n_buckets) * n), outside=True
+        )
         self._record("hello ack", "broadcast", sent=Traffic(metadata=128 * n), outside=True)
+        refusal = ValueError("parameter server: workers disagree or are malformed: " + "; ".join(problems))
+        try:
+            self._reply(torch.tensor([MAGIC, 1 if problems else 0], dtype=torch.int64), "hello ack")
+        except WorkerLost:
+            if problems:  # a malformed peer need not listen; the refusal is the news
+                raise refusal from None
+            raise
         if problems:
-            raise ValueError("parameter server: workers disagree or are malformed: " + "; ".join(problems))
+            raise refusal
         hello = Hello.decode(headers[0], layouts[0])
         self.ledger.n_params = sum(bits for _, bits in hello.buckets)
         return hello
