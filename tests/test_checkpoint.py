@@ -68,6 +68,27 @@ def test_resumed_run_equals_an_unbroken_one_bit_for_bit(tmp_path: Path, whole: P
     assert sb[:2] == sa[:2] and sb[3:] == sa[3:] and sb[2][0] > sa[2][0]
 
 
+def test_torchrun_max_restarts_resumes_a_killed_rank_bit_for_bit(tmp_path: Path, whole: Path) -> None:
+    """torchrun restarts the job after rank 1 is SIGKILLed at step 3; the new attempt resumes
+    from the step-2 checkpoint (in its own store key space: dlion.train.dist) and ends with
+    the unbroken run's parameters."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "resumed"
+    fault = {
+        FAULT_RANK_ENV: "1",
+        FAULT_STEP_ENV: "3",
+        FAULT_KIND_ENV: "kill",
+        FAULT_ONCE_ENV: str(tmp_path / "fired"),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["--max-restarts", "1", "-m", "dlion.train", "--optimizer", "dlion-mavo", *TINY, *RESUME]
+    proc = _run([*cmd, "--checkpoint-dir", str(ckpt), "--out", str(out)], env=fault)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "fired").exists()  # the kill happened
+    a, b = _report(whole, "whole"), _report(tmp_path, "resumed")
+    assert b["resumed_from_step"] == 2
+    assert b["param_sha256"] == a["param_sha256"] and b["val_loss"] == a["val_loss"]
+
+
 def test_resume_refuses_another_job(tmp_path: Path, whole: Path) -> None:
     ckpt = whole / "whole-ckpt"  # written by 2 workers at d_model 32
     assert (ckpt / "latest").is_file()
