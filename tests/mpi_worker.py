@@ -3,7 +3,8 @@
 Without arguments after the output folder: every N from 2 to the launch's size in one
 launch, N = size on COMM_WORLD and each smaller N on a communicator of ranks 0..N-1 (the
 others wait), so one set of interpreter start-ups serves every N. With "dedicated": the
-last rank is a parameter server.
+last rank is a parameter server. With "lengths": rank 0 sends 15, 16 and 17 bytes where
+rank 1 expects 16 each time; rank 1 records what MpiComm says.
 """
 
 from __future__ import annotations
@@ -53,11 +54,32 @@ def by_world(comm: MPI.Comm) -> dict[int, list[dict]]:
     return out
 
 
+def wrong_lengths(rank: int) -> list[str]:
+    import torch
+
+    from dlion.server.mpi_comm import MpiComm
+
+    comm, said = MpiComm(), []
+    for n in (15, 16, 17):
+        if rank == 0:
+            comm.wait_all([comm.isend(torch.full((n,), 7, dtype=torch.uint8), 1, f"{n} bytes")])
+        elif rank == 1:
+            buf = torch.zeros(16, dtype=torch.uint8)
+            try:
+                comm.wait_all([comm.irecv(buf, 0, "bucket0 bits")])
+                said.append(f"ok {buf.tolist()}")
+            except ValueError as err:
+                said.append(str(err))
+    return said
+
+
 def main() -> None:
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     if sys.argv[2:] == ["dedicated"]:  # the last rank is a parameter server
         results: object = run_dedicated(rank, world, DEDICATED_CASES, transport="mpi")
+    elif sys.argv[2:] == ["lengths"]:
+        results = wrong_lengths(rank)
     else:
         results = by_world(comm)
     with open(os.path.join(sys.argv[1], f"rank{rank}.pkl"), "wb") as f:

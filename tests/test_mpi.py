@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,43 @@ def test_mpi_transport_matches_simulation(by_world: list[dict[int, list[dict]]],
     results = [res[world] for res in by_world[:world]]
     assert_matches_simulation(results, cases(world), world)
     assert all(res["ledger"]["bytes_sent"] > 0 for rank in results for res in rank)
+
+
+def test_mpi_receive_names_a_message_of_the_wrong_length(tmp_path: Path) -> None:
+    """MpiComm posts one byte of room: a longer message is a named length error, not MPI's
+    truncation abort; a shorter one too."""
+    said = _mpirun(tmp_path, 2, "lengths")[1]
+    assert said[0] == "rank 1: bucket0 bits from rank 0 was 15 bytes; expected 16 " + EXPLAIN
+    assert said[1] == "ok " + str([7] * 16)
+    assert said[2] == "rank 1: bucket0 bits from rank 0 was 17 bytes; expected 16 " + EXPLAIN
+
+
+EXPLAIN = "(the peer runs another model, config or dlion version)"
+
+
+def test_mpi_killed_rank_ends_the_job_naming_it(tmp_path: Path) -> None:
+    """Under mpiexec a SIGKILLed rank takes the job down at once, and the launcher names it."""
+    _mpiexec()
+    from test_train import TINY, _run
+
+    from dlion.train.loop import FAULT_KIND_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlion",
+        "train",
+        "--workers",
+        "3",
+        "--transport",
+        "mpi",
+        "--timeout-s",
+        "10",
+    ]
+    env = {FAULT_RANK_ENV: "1", FAULT_STEP_ENV: "2", FAULT_KIND_ENV: "kill"}
+    started = time.monotonic()
+    proc = _run([*cmd, *TINY, "--out", str(tmp_path / "run")], env=env)
+    assert proc.returncode != 0
+    assert "process rank 1" in proc.stdout + proc.stderr and "signal 9" in proc.stdout + proc.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "run" / "report.json").exists()
