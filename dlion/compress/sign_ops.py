@@ -37,7 +37,7 @@ class CpuSignOps:
     def nonfinite(self, grad: torch.Tensor) -> bool:
         if grad.dtype in (torch.float32, torch.float64):
             return not kernels.all_finite(grad.detach().reshape(-1).numpy())
-        return not bool(torch.isfinite(grad).all())  # bf16/fp16: NumPy has no view of them
+        return _has_nonfinite(grad)  # bf16/fp16: NumPy has no view of them
 
     def combine(
         self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int, start: int = 0
@@ -56,8 +56,17 @@ class CpuSignOps:
     ) -> None:
         flat = param.detach().view(-1) if _is_plain_f32(param) else _flat_f32(param).clone()
         kernels.apply_update(flat.numpy(), planes.numpy(), table.numpy(), lr, wd, cautious)
-        if flat.data_ptr() != param.data_ptr():
-            param.detach().copy_(flat.view_as(param))
+        _write_back(param, flat)
+
+
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(t).all())
+
+
+def _write_back(param: torch.Tensor, flat: torch.Tensor) -> None:
+    """After an update of ``flat``: copy it into ``param`` unless it is a view of it."""
+    if flat.data_ptr() != param.data_ptr():
+        param.detach().copy_(flat.view_as(param))
 
 
 def _is_plain_f32(t: torch.Tensor) -> bool:
@@ -112,7 +121,7 @@ class TorchSignOps:
         m.mul_(b2).add_(g * (1.0 - b2))
 
     def nonfinite(self, grad: torch.Tensor) -> bool:
-        return not bool(torch.isfinite(grad).all())
+        return _has_nonfinite(grad)
 
     def combine(
         self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int, start: int = 0
@@ -163,7 +172,7 @@ class CudaSignOps:
         cuda_ops.lion_sign_step(grad.detach().reshape(-1), exp_avg.view(-1), out, b1, b2, key)
 
     def nonfinite(self, grad: torch.Tensor) -> bool:
-        return not bool(torch.isfinite(grad).all())
+        return _has_nonfinite(grad)
 
     def combine(
         self, gathered: torch.Tensor, *, vote: str, tie: str, tie_key: int, start: int = 0
@@ -192,8 +201,7 @@ class CudaSignOps:
 
         flat = param.detach().view(-1) if param.is_contiguous() else param.detach().reshape(-1).clone()
         cuda_ops.apply_update(flat, planes, table.to(flat.device), lr, wd, cautious)
-        if flat.data_ptr() != param.data_ptr():
-            param.detach().copy_(flat.view_as(param))
+        _write_back(param, flat)
 
 
 SignOps = CpuSignOps | TorchSignOps | CudaSignOps

@@ -58,11 +58,18 @@ def config_text(config: Any, **extra: object) -> str:
     return repr(sorted(fields.items()))
 
 
+def all_finite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A device bool[1]: every element of every tensor finite (one fused max-norm over the
+    list; nothing is read back)."""
+    norms = torch._foreach_norm(list(tensors), float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all().reshape(1)
+
+
 def first_nonfinite(grads: Sequence[torch.Tensor | None]) -> int:
     """Index of the first gradient holding a NaN or Inf, or -1 (one pass over each, by the
     Numba kernel for float32/float64 CPU tensors)."""
     on_gpu = [g for g in grads if g is not None and g.is_cuda]
-    if on_gpu and bool(torch.isfinite(torch.stack(torch._foreach_norm(on_gpu, float("inf")))).all()):
+    if on_gpu and bool(all_finite_flag(on_gpu)):
         # One fused max-norm over every CUDA gradient, one host read per step; the
         # tensor-by-tensor scan below runs only to name a bad one.
         grads = [None if g is not None and g.is_cuda else g for g in grads]

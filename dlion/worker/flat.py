@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dlion.kernels import cuda_ops
-from dlion.worker.agreement import first_nonfinite
+from dlion.worker.agreement import all_finite_flag, first_nonfinite
 from dlion.worker.buckets import Bucket
 
 
@@ -139,18 +139,10 @@ class FlatBucket:
 
     def lion(self, betas: Any, lr_wd: Any, cautious: bool, ok: torch.Tensor) -> None:
         """Plain Lion on the staged gradients; writes nothing unless the device flag ``ok``."""
-        if self._grad_flat is None:
-            raise RuntimeError("stage() the gradients before lion()")
         betas_t, lrs = self._table("betas", betas), self._table("lrs", lr_wd)
         cuda_ops.bucket_lion(
-            self.param_flat, self._grad_flat, self.m_flat, self.slots, betas_t, lrs, cautious, ok
+            self.param_flat, self._staged(), self.m_flat, self.slots, betas_t, lrs, cautious, ok
         )
-
-
-def all_finite_flag(flats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A device bool[1]: every element finite (a max-norm per buffer, nothing read back)."""
-    norms = torch.stack([torch.linalg.vector_norm(f, float("inf")).float() for f in flats])
-    return torch.isfinite(norms).all().reshape(1)
 
 
 class FlatBuckets:
@@ -195,20 +187,27 @@ class FlatBuckets:
         groups = [self._flat[s.index][1] for s in self.buckets[k].slots]
         return [tuple(g["betas"]) for g in groups], [(g["lr"], g["weight_decay"]) for g in groups]
 
+    def _stage_all(self, grads: Sequence[torch.Tensor | None]) -> list[tuple[FlatBucket, torch.Tensor]]:
+        """Every bucket with its staged gradient buffer (all buckets must be flat)."""
+        items = [f for f in self._items or [] if f is not None]
+        if len(items) != len(self.buckets):
+            raise RuntimeError("only an optimizer whose buckets are all flat stages them all")
+        return [(f, f.stage(self.grads_of(k, grads))) for k, f in enumerate(items)]
+
     def stage_and_scan(self, grads: Sequence[torch.Tensor | None]) -> int:
         """The first non-finite gradient's index, or -1. With every bucket flat, the
         gradients are staged first and scanned as a few flat buffers: one read back."""
         if not self.all_flat:
             return first_nonfinite(grads)
-        staged = [f.stage(self.grads_of(k, grads)) for k, f in enumerate(self._items or []) if f is not None]
+        staged = [g for _, g in self._stage_all(grads)]
         return -1 if bool(all_finite_flag(staged)) else first_nonfinite(grads)
 
     def lion(self, grads: Sequence[torch.Tensor | None], cautious: bool) -> torch.Tensor:
         """Plain Lion on every bucket (all flat, every gradient present). The finite check
         stays on the device and gates the kernels; returns that flag for the caller to read
         after every launch."""
-        items = [f for f in self._items or [] if f is not None]
-        ok = all_finite_flag([f.stage(self.grads_of(k, grads)) for k, f in enumerate(items)])
-        for k, f in enumerate(items):
+        pairs = self._stage_all(grads)
+        ok = all_finite_flag([g for _, g in pairs])
+        for k, (f, _) in enumerate(pairs):
             f.lion(*self.scalars(k), cautious, ok)
         return ok
