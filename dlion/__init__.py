@@ -6,7 +6,7 @@ import os
 # per call when ranks share cores. Effective when dlion is imported before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-from dlion.server.ps import ParameterServer, WorkerLost, split_server
+from dlion.server import ParameterServer, WorkerLost, split_server
 from dlion.version import VERSION
 from dlion.worker.agreement import NonFiniteGradientError
 from dlion.worker.distributed_lion import DistributedLion

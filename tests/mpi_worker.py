@@ -57,7 +57,7 @@ def by_world(comm: MPI.Comm) -> dict[int, list[dict]]:
 def wrong_lengths(rank: int) -> list[str]:
     import torch
 
-    from dlion.server.mpi_comm import MpiComm
+    from dlion.transport.mpi_comm import MpiComm
 
     comm, said = MpiComm(), []
     for n in (15, 16, 17):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dlion.compress.sign import TIE_STREAM, ZERO_STREAM
-from dlion.kernels import coin_bytes_ref, derive_key, lion_sign_step_ref
+from dlion.kernels import coin_bytes_ref, lion_sign_step_ref
+from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key
 from dlion.worker.buckets import plan_buckets
 from dlion.worker.byzantine import attack_key
 

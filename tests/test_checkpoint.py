@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train import TINY, _run
 
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic
+from dlion.ledger import CollectiveRecord, Ledger, Traffic
 from dlion.train.checkpoint import MODEL_FILE, rank_file
 from dlion.train.loop import CHECKPOINT_KILL, FAULT_KIND_ENV, FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
 from dlion.worker.dgc import DGC

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import dlion
+from dlion import wire
 from dlion.compress import dgc as codec
-from dlion.kernels import derive_key
-from dlion.server.ledger import CollectiveRecord
+from dlion.ledger import CollectiveRecord
+from dlion.wire import derive_key
 from dlion.worker.dgc import (
     DGC,
     DGCConfig,
@@ -174,7 +175,7 @@ def test_sampled_threshold_selects_about_k(density: float, dist: str) -> None:
         x = torch.randn(n, generator=gen)
         if dist == "heavy":
             x = x * torch.rand(n, generator=gen).pow(-2)  # Pareto-like tails
-        idx = codec.select_topk(x, plan, derive_key(seed, codec.SAMPLE_STREAM, 0, 0, 0))
+        idx = codec.select_topk(x, plan, derive_key(seed, wire.SAMPLE_STREAM, 0, 0, 0))
         assert math.ceil(0.8 * plan.k) <= idx.numel() <= plan.k
         assert torch.equal(idx, idx.unique())  # sorted, distinct
         top = set(torch.topk(x.abs(), math.ceil(1.3 * plan.k)).indices.tolist())
@@ -197,7 +198,7 @@ def test_selection_seeds_are_per_rank_and_reproducible() -> None:
     n = 100_000
     plan = codec.sample_plan(n, 0.001, 0.01)
     x = torch.randn(n, generator=torch.Generator().manual_seed(2))
-    keys = {r: derive_key(7, codec.SAMPLE_STREAM, 3, r, 5) for r in range(4)}
+    keys = {r: derive_key(7, wire.SAMPLE_STREAM, 3, r, 5) for r in range(4)}
     assert len(set(keys.values())) == 4 and len({k % plan.stride for k in keys.values()}) > 1
     for key in keys.values():
         assert torch.equal(codec.select_topk(x, plan, key), codec.select_topk(x, plan, key))
@@ -368,7 +369,7 @@ def _simulate(world: int, value_dtype: torch.dtype) -> tuple[list[torch.Tensor],
                     continue
                 momentum_correction(u[r][t], v[r][t], flat, cfg.momentum)
                 plan = codec.sample_plan(flat.numel(), density, cfg.sample_ratio)
-                idx = codec.select_topk(v[r][t], plan, derive_key(5, codec.SAMPLE_STREAM, step, r, t))
+                idx = codec.select_topk(v[r][t], plan, derive_key(5, wire.SAMPLE_STREAM, step, r, t))
                 sent = take_sent(u[r][t], v[r][t], idx, masking=True)
                 total[t][idx] += sent.to(value_dtype).float()
                 count += idx.numel()

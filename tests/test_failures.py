@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dlion
-from dlion.server import liveness
+from dlion.transport import liveness
 
 from multiproc import run_ranks
 

@@ -90,7 +90,7 @@ def test_forced_comm_at_world_size_one_equals_lion() -> None:
 
 def test_all_reduce_traffic_at_any_world_size() -> None:
     """Payload and padding need not split into N chunks each; their sum does."""
-    from dlion.server.ledger import Traffic, all_reduce_traffic
+    from dlion.ledger import Traffic, all_reduce_traffic
 
     # 10 payload elements + 2 padding = 12 fp32 elements over 3 ranks: 4 per chunk.
     sent, received = all_reduce_traffic(Traffic(payload=32 * 10, padding=32 * 2), 3)

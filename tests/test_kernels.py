@@ -31,7 +31,6 @@ from dlion.kernels import (
     coin_bytes_ref,
     count_planes,
     count_planes_ref,
-    derive_key,
     lion_sign_step,
     lion_sign_step_ref,
     majority_vote,
@@ -41,6 +40,7 @@ from dlion.kernels import (
     unpack_signs,
     unpack_signs_ref,
 )
+from dlion.wire import derive_key
 
 CHUNK = 1 << 14  # the kernels' internal chunk of elements
 SIZES = [*range(10), 15, 16, 17, 63, 64, 65, 1000, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]
@@ -206,7 +206,7 @@ def test_coin_bytes_property(key: int, start: int, nbytes: int) -> None:
 @pytest.mark.parametrize("key", [0, 5, 2**63 - 1, np.int64(5)])
 def test_coin_bytes_int64_key_matches_ref(key: int) -> None:
     """KNOWN KERNEL BUG: a key typed int64 (a Python int below 2**63, or np.int64) takes a
-    signed path in ``_coin``: ``key + np.uint64(j) + _GOLDEN`` is int64 in Numba, so the
+    signed path in ``coin``: ``key + np.uint64(j) + GOLDEN`` is int64 in Numba, so the
     splitmix ``>>`` shifts sign-extend and the bytes differ from ``coin_bytes_ref``."""
     assert_u8_identical(coin_bytes(key, 0, 64), coin_bytes_ref(int(key), 0, 64))
 

@@ -137,8 +137,8 @@ def ledger_rank(rank: int, world: int) -> dict[str, list[tuple[str, str, int, in
     import torch.distributed as dist
 
     from dlion import DistributedLion, GlobalOptimizer, ParameterServer
-    from dlion.server.comm import TorchComm
-    from dlion.server.ps import ServerLink
+    from dlion.server import ServerLink
+    from dlion.transport import TorchComm
     from dlion.worker.dgc import DGC, DGCConfig
     from dlion.worker.terngrad import build_terngrad
 

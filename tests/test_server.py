@@ -22,7 +22,7 @@ def run_dedicated(
     rank: int, world: int, cases: list[tuple[str, str]], transport: str = "torch", timeout_s: float = 60
 ) -> list[dict[str, Any]]:
     """Ranks 0..world-2 train each case against the server on the last rank."""
-    from dlion.server.ps import ParameterServer, split_server
+    from dlion.server import ParameterServer, split_server
 
     out = []
     for vote, tie in cases:
@@ -109,7 +109,7 @@ def _worker_dies_inner(
     rank: int, world: int, victim: int, stall_s: float, mode: str, done_dir: str
 ) -> dict[str, Any]:
     from dlion import DistributedLion
-    from dlion.server.ps import ParameterServer, split_server
+    from dlion.server import ParameterServer, split_server
 
     roles = split_server(timeout=timedelta(seconds=stall_s))
     start = time.monotonic()
@@ -172,21 +172,21 @@ def test_silent_worker_is_named_by_the_server_after_the_timeout(tmp_path: Path) 
 
 
 def test_hello_round_trips_and_bad_headers_are_named() -> None:
-    from dlion.server.ps import FORMAT, MAGIC, Hello, _header_error
+    from dlion.server import FORMAT, MAGIC, Hello, header_error
 
     hello = Hello(3, "average", "zero", 11, 2, ((32, 200), (16, 7)))
     header, layout = hello.encode()
     assert Hello.decode(header.tolist(), layout.tolist()) == hello
-    assert _header_error(header.tolist()) is None
+    assert header_error(header.tolist()) is None
     bad_magic = [0x1234, *header.tolist()[1:]]
-    assert "not a dlion worker" in str(_header_error(bad_magic))
+    assert "not a dlion worker" in str(header_error(bad_magic))
     other_version = [MAGIC, FORMAT + 1, *header.tolist()[2:]]
-    assert "mixed dlion versions" in str(_header_error(other_version))
+    assert "mixed dlion versions" in str(header_error(other_version))
 
 
 def test_server_link_needs_the_server_backend() -> None:
     from dlion import DistributedLion
-    from dlion.server.ps import ServerLink
+    from dlion.server import ServerLink
 
     p = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(ValueError, match="needs backend='server', not 'sharded'"):

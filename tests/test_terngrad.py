@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from dlion import wire
 from dlion.compress import terngrad as codec
 from dlion.kernels import ternary as K
 from dlion.kernels import ternary_ref as R
-from dlion.kernels.reference import derive_key
-from dlion.server.ledger import Traffic
+from dlion.ledger import Traffic
+from dlion.wire import derive_key
 from dlion.worker.distributed_lion import NonFiniteGradientError
 from dlion.worker.terngrad import TernGrad, TernGradConfig, build_terngrad
 
@@ -79,7 +80,7 @@ def simulate(world: int, clip: float | None) -> list[torch.Tensor]:
                 continue
             flat = [np.zeros(p.numel(), np.float32) if g is None else g.reshape(-1) for g in per_rank]
             s = max(codec.local_scaler(g, clip) for g in flat)
-            keys = [derive_key(SEED, codec.TERN_STREAM, step, r, i) for r in range(world)]
+            keys = [derive_key(SEED, wire.TERN_STREAM, step, r, i) for r in range(world)]
             total = sum(R.ternarize_ref(g, s, k).astype(np.int32) for g, k in zip(flat, keys, strict=True))
             mean = np.asarray(total).astype(np.float32) * np.float32(s) / np.float32(world)
             p.grad = torch.from_numpy(mean.reshape(p.shape))
@@ -114,7 +115,7 @@ def test_kernels_match_references(n: int) -> None:
     g = rng.standard_normal(2 * n).astype(np.float32)[::2]  # strided input
     g[::5] = 0.0
     top = float(np.abs(g).max()) if n else 0.0
-    key = derive_key(3, codec.TERN_STREAM, 7, 1, 2)
+    key = derive_key(3, wire.TERN_STREAM, 7, 1, 2)
     for scale in (top, 0.3 * top, 0.0):
         t = K.ternarize(g, scale, key)
         assert t.dtype == np.int8 and np.array_equal(t, R.ternarize_ref(g, scale, key))

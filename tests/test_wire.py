@@ -17,7 +17,7 @@ from multiproc import run_ranks
 
 def _rogue(rank: int, world: int, fault: str) -> dict[str, Any]:
     from dlion import DistributedLion
-    from dlion.server import ps
+    from dlion import server as ps
 
     roles = ps.split_server(timeout=timedelta(seconds=10))
     p = torch.nn.Parameter(torch.zeros(100))

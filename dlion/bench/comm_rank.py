@@ -24,7 +24,7 @@ import torch.distributed
 
 from dlion import DistributedLion, GlobalOptimizer, ParameterServer, split_server
 from dlion.bench.comm_model import Variant, by_label
-from dlion.server.ps import Roles
+from dlion.server import Roles
 
 LR = 1e-4
 BUCKET_NUMEL = 1 << 25  # DistributedLion's default

@@ -38,13 +38,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dlion.server.ledger import Traffic
+from dlion.ledger import Traffic
+from dlion.wire import WORD_BYTES, round_up
 
 WARMUP_FACTOR = 4  # each warm-up stage keeps a quarter of the previous stage's density
-SAMPLE_STREAM = 0xD6C  # derive_key stream of the sample offsets, apart from the sign coins
 UPPER, LOWER, MAX_ADAPT = 1.3, 0.8, 10  # the reference's threshold correction
 SENTINEL = -1
-WORD_BYTES = 16
 INDEX_BITS = 32
 VALUE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 MAX_NUMEL = 2**31 - 1  # int32 indices
@@ -174,10 +173,6 @@ class WireLayout:
         ]
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def plan_wire(
     numels: Sequence[int],
     ks: Sequence[int | None],
@@ -196,7 +191,7 @@ def plan_wire(
         slots += k if k is not None else 0
         dense += numel if k is None else 0
     value_bytes = torch.empty((), dtype=value_dtype).element_size()
-    n_slots = _round_up(slots, WORD_BYTES // min(4, value_bytes))
+    n_slots = round_up(slots, WORD_BYTES // min(4, value_bytes))
     slot_base = torch.zeros(n_slots, dtype=torch.int64)
     slot_limit = torch.zeros(n_slots, dtype=torch.int64)
     for b, off, k, numel in zip(bases, slot_offsets, ks, numels, strict=True):
@@ -212,7 +207,7 @@ def plan_wire(
         tuple(dense_offsets),
         dense_in_message,
         n_slots,
-        _round_up(dense, WORD_BYTES // 4) if dense_in_message else 0,
+        round_up(dense, WORD_BYTES // 4) if dense_in_message else 0,
         slot_base,
         slot_limit,
     )

@@ -20,10 +20,6 @@ import numpy as np
 
 from dlion import kernels
 
-# Coin streams: distinct key spaces for the zero-sign coin (per rank) and the even-split
-# tie coin (the same on every rank and at a parameter server).
-ZERO_STREAM, TIE_STREAM = 1, 2
-
 MAJORITY_TABLE = np.array([-1.0, 1.0], dtype=np.float32)
 TERNARY_TABLE = np.array([-1.0, 1.0, 0.0, 0.0], dtype=np.float32)
 

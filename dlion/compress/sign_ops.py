@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dlion import kernels
+from dlion import kernels, wire
 from dlion.compress.sign import MAJORITY_TABLE, TERNARY_TABLE, average_table, combine
 
-_GOLDEN = 0x9E3779B97F4A7C15
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
@@ -83,10 +82,11 @@ def _coin_bytes(key: int, n: int, device: torch.device) -> torch.Tensor:
         v &= (1 << 64) - 1
         return v - (1 << 64) if v >= 1 << 63 else v
 
-    z = torch.arange(n, dtype=torch.int64, device=device) + signed(key + _GOLDEN)
-    z = (z ^ shr(z, 30)) * signed(0xBF58476D1CE4E5B9)
-    z = (z ^ shr(z, 27)) * signed(0x94D049BB133111EB)
-    z = z ^ shr(z, 31)
+    s1, s2, s3 = wire.SHIFTS
+    z = torch.arange(n, dtype=torch.int64, device=device) + signed(key + wire.GOLDEN)
+    z = (z ^ shr(z, s1)) * signed(wire.MIX1)
+    z = (z ^ shr(z, s2)) * signed(wire.MIX2)
+    z = z ^ shr(z, s3)
     return shr(z, 56).to(torch.uint8)
 
 

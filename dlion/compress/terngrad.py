@@ -20,19 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dlion.kernels.reference import derive_key
 from dlion.kernels.ternary import pack_levels, sum_ternary, ternarize_pack, unpack_levels
 from dlion.kernels.ternary_ref import level_bits
-from dlion.server.ledger import Traffic
-from dlion.server.topology import WORD_BYTES
+from dlion.ledger import Traffic
+from dlion.wire import TERN_STREAM, WORD_BYTES, derive_key, round_up
 
-# Key space of the Bernoulli draws; dlion.compress.sign holds streams 1 (zero coin) and 2 (tie).
-TERN_STREAM = 3
 CLIP_FACTOR = 2.5  # c of the paper's clipping, cross-validated once on CIFAR-10 and kept for all nets
 
 __all__ = [
     "CLIP_FACTOR",
-    "TERN_STREAM",
     "CodeLayout",
     "decode_mean",
     "draw_key",
@@ -45,10 +41,6 @@ __all__ = [
     "sum_codes",
     "unpack_sums",
 ]
-
-
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
 
 
 def local_scaler(grad: np.ndarray, clip_factor: float | None) -> np.float32:
@@ -117,7 +109,7 @@ class CodeLayout:
 
     def sums_bytes(self) -> int:
         """Bytes of one bit plane of sums (one bit per slot), padded to whole 16-byte words."""
-        return _round_up(self.n_slots // 8, WORD_BYTES)
+        return round_up(self.n_slots // 8, WORD_BYTES)
 
     def sums_traffic(self, n_workers: int) -> Traffic:
         """The server's reply: ceil(log2(2N + 1)) planes of one bit per slot."""
@@ -132,7 +124,7 @@ def plan_layout(indices: Sequence[int], numels: Sequence[int]) -> CodeLayout:
     for n in numels:
         offsets.append(offset)
         offset += (n + 3) // 4
-    nbytes = max(WORD_BYTES, _round_up(offset, WORD_BYTES))
+    nbytes = max(WORD_BYTES, round_up(offset, WORD_BYTES))
     return CodeLayout(tuple(indices), tuple(numels), tuple(offsets), nbytes)
 
 

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import cuda as nb_cuda
 
 from dlion.kernels import cuda as k
-from dlion.kernels.cpu import _key
+from dlion.kernels import cuda_vote
+from dlion.kernels.common import as_key
+from dlion.kernels.cuda_device import BF16, F32, SIMULATED, THREADS
+from dlion.kernels.cuda_device import cuda as nb_cuda
 
-KINDS = {torch.float32: k.F32, torch.float16: k.F32, torch.bfloat16: k.BF16}
-_THREADS = 64 if k.SIMULATED else k.THREADS
+KINDS = {torch.float32: F32, torch.float16: F32, torch.bfloat16: BF16}
+_THREADS = 64 if SIMULATED else THREADS
 _streams: dict[int, object] = {}
 _wrapped: dict[tuple[object, ...], object] = {}
 _WRAPPED_MAX = 4096
@@ -28,7 +30,7 @@ _WRAPPED_MAX = 4096
 def _arr(t: torch.Tensor):  # -> a Numba device array (a NumPy view in the simulator)
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    if k.SIMULATED:
+    if SIMULATED:
         return t.numpy()
     # Wrapping costs ~20 us; a step passes the same buffers every time. The wrapper holds
     # no reference (owner=None) and describes only (address, shape, strides, dtype), so a
@@ -44,7 +46,7 @@ def _arr(t: torch.Tensor):  # -> a Numba device array (a NumPy view in the simul
 
 
 def _stream():
-    if k.SIMULATED:
+    if SIMULATED:
         return 0
     ptr = torch.cuda.current_stream().cuda_stream
     if ptr not in _streams:
@@ -106,7 +108,7 @@ def lr_table(lr_wd: Sequence[tuple[float, float]], device: torch.device) -> torc
 
 def keys_table(keys: Sequence[int], device: torch.device) -> torch.Tensor:
     """int64[S] holding each uint64 key's bits."""
-    return upload(np.array([_key(x) for x in keys], np.uint64).view(np.int64), device)
+    return upload(np.array([as_key(x) for x in keys], np.uint64).view(np.int64), device)
 
 
 def bucket_sign_step(
@@ -265,7 +267,7 @@ def count_planes(packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"packed must be 2-D (workers >= 1, bytes), got shape {tuple(packed.shape)}")
     words = _words(packed)
     out = torch.empty(_n_planes(packed.shape[0]), words.shape[1], dtype=torch.int32, device=packed.device)
-    _launch(k.count_planes_kernel(out.shape[0]), words.shape[1], _arr(words), _arr(out))
+    _launch(cuda_vote.count_planes_kernel(out.shape[0]), words.shape[1], _arr(words), _arr(out))
     return out.view(torch.uint8)[:, : packed.shape[1]]
 
 
@@ -281,8 +283,8 @@ def majority_vote(
         raise ValueError(f"packed must be 2-D (workers >= 1, bytes), got shape {tuple(packed.shape)}")
     words = _words(packed)
     win, tie = (torch.empty(words.shape[1], dtype=torch.int32, device=packed.device) for _ in range(2))
-    key = _key(tie_key if tie_key is not None else 0)
-    vote = k.majority_kernel(packed.shape[0])
+    key = as_key(tie_key if tie_key is not None else 0)
+    vote = cuda_vote.majority_kernel(packed.shape[0])
     _launch(vote, words.shape[1], _arr(words), _arr(win), _arr(tie), key, start, tie_key is not None)
     nb = packed.shape[1]
     return win.view(torch.uint8)[:nb], tie.view(torch.uint8)[:nb]

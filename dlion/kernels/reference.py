@@ -1,7 +1,7 @@
 """Plain NumPy references for the sign kernels.
 
 Each function here has the exact signature of its Numba twin in ``cpu.py``; the tests
-hold the fast versions to these bit for bit. Wire layout (DESIGN.md): element k of a
+hold the fast versions to these bit for bit. Wire layout (dlion.wire): element k of a
 buffer is byte k // 8, bit 7 - k % 8, the layout of ``numpy.packbits``.
 """
 
@@ -9,40 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
+from dlion import wire
 
 
-def mix64(z: int) -> int:
-    """splitmix64 finaliser on a Python int (used to derive keys on the host)."""
-    z = (z + _GOLDEN) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def derive_key(*parts: int) -> int:
-    """A 64-bit key from a sequence of non-negative ints, the same on every rank."""
-    key = 0
-    for part in parts:
-        key = extend_key(key, part)
-    return key
-
-
-def extend_key(key: int, part: int) -> int:
-    """derive_key(*parts, part) from key = derive_key(*parts): one mix, not len(parts)+1."""
-    return mix64(key ^ (part & _MASK64))
+def splitmix64_ref(key: int, start: int, n: int) -> np.ndarray:
+    """uint64[n]: element j is splitmix64(key + start + j), the counter-based draw of dlion.wire."""
+    s30, s27, s31 = (np.uint64(s) for s in wire.SHIFTS)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + np.uint64(start) + np.arange(n, dtype=np.uint64)
+        z = z + np.uint64(wire.GOLDEN)
+        z = (z ^ (z >> s30)) * np.uint64(wire.MIX1)
+        z = (z ^ (z >> s27)) * np.uint64(wire.MIX2)
+        return z ^ (z >> s31)
 
 
 def coin_bytes_ref(key: int, start: int, nbytes: int) -> np.ndarray:
     """uint8[nbytes]: byte j is the top byte of splitmix64(key + start + j)."""
-    with np.errstate(over="ignore"):
-        z = np.uint64(key) + np.uint64(start) + np.arange(nbytes, dtype=np.uint64)
-        z = z + np.uint64(_GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(56)).astype(np.uint8)
+    return (splitmix64_ref(key, start, nbytes) >> np.uint64(56)).astype(np.uint8)
 
 
 def pack_signs_ref(x: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Wire code and random draws are specified in ``ternary_ref``: 2 bits per element, MSB first,
 00 = 0, 01 = +1, 10 = -1; draw u_j = (splitmix64(key + j) >> 40) * 2^-24 (the hash of
-``cpu._coin``, keeping 24 bits instead of 8). Float work is float32 without fastmath, so
+``common.coin``, keeping 24 bits instead of 8). Float work is float32 without fastmath, so
 |g| / scale rounds exactly as in NumPy. Parallel loops run over chunks of whole output
 bytes, so no two threads write the same byte, and a draw depends only on (key, element):
 results do not depend on the thread count.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from dlion.kernels.cpu import _GOLDEN, _M1, _M2, _S27, _S30, _S31, _check_1d, _key
+from dlion.kernels.common import as_key, check_1d, ready_threads, splitmix64
 from dlion.kernels.ternary_ref import U24, level_bits
 
 _S40 = np.uint64(40)
@@ -22,11 +22,7 @@ _CHUNK_BYTES = 1 << 12  # output bytes per task: 16 Ki elements of 2 bits, 32 Ki
 
 @njit(inline="always")
 def _uniform(key, j):  # key: uint64, j: int -> float32 in [0, 1) on a 2^-24 grid
-    z = key + np.uint64(j) + _GOLDEN
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    z = z ^ (z >> _S31)
-    return np.float32(z >> _S40) * U24
+    return np.float32(splitmix64(key, j) >> _S40) * U24
 
 
 @njit(inline="always")
@@ -123,16 +119,17 @@ def _scale(scale: float) -> np.float32:
 
 
 def _check_bytes(name: str, a: np.ndarray, need: int) -> None:
-    _check_1d(name, a, np.uint8)
+    check_1d(name, a, np.uint8)
     if a.size < need:
         raise ValueError(f"{name} has {a.size} bytes; need at least {need}")
 
 
 def ternarize(grad: np.ndarray, scale: float, key: int | np.integer) -> np.ndarray:
     """float32[n] -> int8[n] in {-1, 0, +1}; see ``ternarize_ref``."""
-    _check_1d("grad", grad, np.float32)
+    ready_threads()
+    check_1d("grad", grad, np.float32)
     out = np.empty(grad.size, np.int8)
-    _ternarize(grad, _scale(scale), _key(key), out)
+    _ternarize(grad, _scale(scale), as_key(key), out)
     return out
 
 
@@ -141,14 +138,16 @@ def ternarize_pack(grad: np.ndarray, scale: float, key: int | np.integer, out: n
 
     grad: float32[n] (any stride); out: uint8[>= ceil(n/4)], e.g. a slice of a send buffer.
     """
-    _check_1d("grad", grad, np.float32)
+    ready_threads()
+    check_1d("grad", grad, np.float32)
     _check_bytes("out", out, (grad.size + 3) // 4)
-    _ternarize_pack(grad, _scale(scale), _key(key), out)
+    _ternarize_pack(grad, _scale(scale), as_key(key), out)
 
 
 def pack_ternary(t: np.ndarray) -> np.ndarray:
     """int8[n] in {-1, 0, +1} -> uint8[ceil(n/4)]; see ``pack_ternary_ref``."""
-    _check_1d("t", t, np.int8)
+    ready_threads()
+    check_1d("t", t, np.int8)
     out = np.empty((t.size + 3) // 4, np.uint8)
     _pack_ternary(t, out)
     return out
@@ -156,6 +155,7 @@ def pack_ternary(t: np.ndarray) -> np.ndarray:
 
 def unpack_ternary(packed: np.ndarray, n: int) -> np.ndarray:
     """uint8[>= ceil(n/4)] -> int8[n] in {-1, 0, +1}."""
+    ready_threads()
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     _check_bytes("packed", packed, (n + 3) // 4)
@@ -166,6 +166,7 @@ def unpack_ternary(packed: np.ndarray, n: int) -> np.ndarray:
 
 def sum_ternary(packed: np.ndarray) -> np.ndarray:
     """uint8[N, nbytes] of N workers' codes -> int32[4 * nbytes], summed over workers."""
+    ready_threads()
     if packed.ndim != 2 or packed.dtype != np.uint8:
         raise ValueError(f"packed must be uint8[workers, bytes], got {packed.dtype}{packed.shape}")
     out = np.zeros(4 * packed.shape[1], np.int32)
@@ -175,7 +176,8 @@ def sum_ternary(packed: np.ndarray) -> np.ndarray:
 
 def pack_levels(sums: np.ndarray, n_workers: int) -> np.ndarray:
     """int32[n] in [-N, N] -> uint8[B, ceil(n/8)], B = ceil(log2(2N+1)); see ``pack_levels_ref``."""
-    _check_1d("sums", sums, np.int32)
+    ready_threads()
+    check_1d("sums", sums, np.int32)
     if n_workers < 1:
         raise ValueError(f"n_workers must be >= 1, got {n_workers}")
     if sums.size and (int(sums.min()) < -n_workers or int(sums.max()) > n_workers):
@@ -187,6 +189,7 @@ def pack_levels(sums: np.ndarray, n_workers: int) -> np.ndarray:
 
 def unpack_levels(planes: np.ndarray, n_workers: int, n: int) -> np.ndarray:
     """uint8[B, >= ceil(n/8)] -> int32[n] of sums in [-N, N]; see ``unpack_levels_ref``."""
+    ready_threads()
     b = level_bits(n_workers)
     if planes.ndim != 2 or planes.dtype != np.uint8 or planes.shape[0] != b or planes.shape[1] * 8 < n:
         raise ValueError(

@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import numpy as np
 
-_GOLDEN = 0x9E3779B97F4A7C15
+from dlion.kernels.reference import splitmix64_ref
+
 U24 = np.float32(2.0**-24)
 
 
 def uniform24_ref(key: int, start: int, n: int) -> np.ndarray:
     """float32[n] in [0, 1): element j is the top 24 bits of splitmix64(key + start + j) * 2^-24."""
-    with np.errstate(over="ignore"):
-        z = np.uint64(key) + np.uint64(start) + np.arange(n, dtype=np.uint64)
-        z = z + np.uint64(_GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(40)).astype(np.float32) * U24
+    return (splitmix64_ref(key, start, n) >> np.uint64(40)).astype(np.float32) * U24
 
 
 def ternarize_ref(grad: np.ndarray, scale: float, key: int) -> np.ndarray:

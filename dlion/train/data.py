@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dlion import wire
+
 # Installed third-party code is not the standard library and differs between machines.
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -130,7 +132,7 @@ def load_corpus(cfg: CorpusConfig, *, min_bytes: int = 2) -> Corpus:
 
 def mix_seed(seed: int, rank: int) -> int:
     """A per-rank generator seed; distinct ranks draw distinct batch streams."""
-    return (seed * 0x9E3779B97F4A7C15 + (rank + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
+    return (seed * wire.GOLDEN + (rank + 1) * wire.MIX1) % (1 << 63)
 
 
 class BatchSampler:

@@ -26,7 +26,7 @@ import numba
 import torch
 import torch.distributed as dist
 
-from dlion.server.comm import TorchComm
+from dlion.transport import TorchComm
 
 INIT_METHOD_ENV = "DLION_INIT_METHOD"
 # Where a worker writes why it failed, so the launcher can name the rank that failed
@@ -176,7 +176,7 @@ def joined(device: torch.device, timeout_s: float) -> DistContext:
 def _setup_mpi(timeout_s: float) -> DistContext:
     from mpi4py import MPI
 
-    from dlion.server.mpi_comm import MpiComm
+    from dlion.transport.mpi_comm import MpiComm
 
     comm = MpiComm(timeout=timedelta(seconds=timeout_s))
     # The ranks on this host, whatever the MPI: a shared-memory split of COMM_WORLD.

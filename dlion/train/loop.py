@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from dlion.server.comm import world_comm
-from dlion.server.ledger import Ledger
-from dlion.server.ps import ParameterServer, ServerLink, split_server
+from dlion.ledger import Ledger
+from dlion.server import ParameterServer, ServerLink, split_server
 from dlion.train import dist as tdist
 from dlion.train.checkpoint import CheckpointStore, DirStore, TrainParts, load_parts, save_parts
 from dlion.train.config import TrainConfig, parse_config
@@ -37,6 +36,7 @@ from dlion.train.report import (
 )
 from dlion.train.resources import ResourceLog
 from dlion.train.tasks import build_task, evaluate
+from dlion.transport import make_comm
 from dlion.worker.byzantine import Byzantine
 from dlion.worker.registry import build_optimizer
 
@@ -122,7 +122,7 @@ def train(
             _serve(roles.link)
             return None
         # From here on the job is the workers: the server takes no part in the report.
-        workers = world_comm(roles.workers, timedelta(seconds=cfg.timeout_s), cfg.transport)
+        workers = make_comm(roles.workers, timedelta(seconds=cfg.timeout_s), cfg.transport)
         ctx = replace(ctx, world_size=workers.world_size, comm=workers)
         link, group = roles.link, roles.workers
     task = build_task(cfg, rank=ctx.rank, device=ctx.device)

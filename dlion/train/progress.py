@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from dlion.server.ledger import Ledger
+from dlion.ledger import Ledger
 
 
 class Progress:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dlion.server.ledger import KINDS
+from dlion.ledger import KINDS
 from dlion.train.dist import DistContext, all_gather_rows
 
 # Ledger summary numbers gathered from every rank, in this order.

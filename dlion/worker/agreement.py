@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dlion.aggregate.meta import StepMeta, check_fingerprint, exchange_step_meta
 from dlion.compress.sign_ops import ops_for
-from dlion.server.ledger import Ledger
-from dlion.server.meta import StepMeta, check_fingerprint, exchange_step_meta
+from dlion.ledger import Ledger
 
 COUNTERS = ("steps_taken", "skipped_steps")
 

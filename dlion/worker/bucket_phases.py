@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dlion.compress.sign import TIE_STREAM, ZERO_STREAM, result_layout
+from dlion.aggregate.topology import TOPOLOGIES, server_vote
+from dlion.compress.sign import result_layout
 from dlion.compress.sign_ops import SignOps
-from dlion.kernels.reference import derive_key, extend_key
-from dlion.server.comm import TorchComm
-from dlion.server.topology import TOPOLOGIES, server_vote
+from dlion.transport import TorchComm
+from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key, extend_key
 from dlion.worker.byzantine import attack_key, corrupt_signs
 
 

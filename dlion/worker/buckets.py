@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dlion.server.topology import WORD_BYTES
+from dlion.wire import WORD_BYTES
 
 
 @dataclass(frozen=True)

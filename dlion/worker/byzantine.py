@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dlion.kernels import coin_bytes, derive_key
+from dlion.kernels import coin_bytes
+from dlion.wire import BYZANTINE_STREAM, derive_key
 
 ATTACKS: tuple[str, ...] = ("flip", "random", "zero")
-BYZANTINE_STREAM = 3  # a coin stream apart from the zero-sign (1) and tie (2) coins
 
 
 @dataclass(frozen=True, kw_only=True)

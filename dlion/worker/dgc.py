@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dlion.aggregate.ordered import ordered_all_reduce_mean, ring_all_gather
 from dlion.compress import dgc as codec
-from dlion.kernels import derive_key
-from dlion.server.comm import world_comm
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic
-from dlion.server.ordered import ordered_all_reduce_mean, ring_all_gather
+from dlion.ledger import CollectiveRecord, Ledger, Traffic
+from dlion.transport import make_comm
+from dlion.wire import SAMPLE_STREAM, derive_key
 from dlion.worker.agreement import (
     CommRanks,
     agree_on_step,
@@ -86,7 +86,7 @@ class DGC(CommRanks, torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise TypeError(f"DGC needs floating-point parameters, got {p.dtype} {tuple(p.shape)}")
         self._compressed = [codec.is_compressed(p.shape, self.config.min_numel) for p, _ in self._flat]
-        self._comm = world_comm(process_group, self.config.timeout, self.config.transport)
+        self._comm = make_comm(process_group, self.config.timeout, self.config.transport)
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self.steps_taken = 0  # skipped steps included: keys the samples and the warm-up
         self.skipped_steps = 0
@@ -178,7 +178,7 @@ class DGC(CommRanks, torch.optim.Optimizer):
             v = self._buffer(p, "velocity").view(-1)
             momentum_correction(u, v, flat, cfg.momentum)
             plan = codec.sample_plan(p.numel(), density, cfg.sample_ratio)
-            key = derive_key(cfg.seed, codec.SAMPLE_STREAM, self.steps_taken, self.rank, t)
+            key = derive_key(cfg.seed, SAMPLE_STREAM, self.steps_taken, self.rank, t)
             idx = codec.select_topk(v, plan, key)
             values.append(take_sent(u, v, idx, cfg.momentum_masking).cpu())
             indices.append(idx.cpu())

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dlion.aggregate.meta import check_fingerprint, exchange_step_meta
+from dlion.aggregate.topology import BucketWire, align_bytes
 from dlion.compress.sign import result_layout
 from dlion.compress.sign_ops import SignOps, ops_for
-from dlion.server.comm import TorchComm, world_comm
-from dlion.server.ledger import Ledger
-from dlion.server.meta import check_fingerprint, exchange_step_meta
-from dlion.server.ps import Hello, ServerClient, ServerLink
-from dlion.server.topology import BucketWire, align_bytes
+from dlion.ledger import Ledger
+from dlion.server import Hello, ServerClient, ServerLink
+from dlion.transport import TorchComm, make_comm
 from dlion.worker.agreement import (
     CommRanks,
     NonFiniteGradientError,
@@ -127,7 +127,7 @@ class DistributedLion(BucketPhases, CommRanks, torch.optim.Optimizer):
                 raise TypeError(
                     f"DistributedLion needs floating-point parameters; {self._names[i]} is {p.dtype}"
                 )
-        self._comm: TorchComm | None = world_comm(process_group, timeout, transport)
+        self._comm: TorchComm | None = make_comm(process_group, timeout, transport)
         self._attack = attack_of(byzantine, self.rank, self.world_size)
         align = align_bytes(backend, self.world_size)
         self._buckets: list[Bucket] = plan_buckets([p.numel() for p, _ in self._flat], bucket_numel, align)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dlion.server.comm import TorchComm, world_comm
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_reduce_traffic
-from dlion.server.meta import exchange_step_meta
+from dlion.aggregate.meta import exchange_step_meta
+from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_reduce_traffic
+from dlion.transport import TorchComm, make_comm
 from dlion.worker.agreement import first_nonfinite, raise_nonfinite
 from dlion.worker.byzantine import Byzantine, attack_key, attack_of, corrupt_grad
 from dlion.worker.config import NONFINITE, TRANSPORTS
@@ -60,7 +60,7 @@ class GlobalOptimizer:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}; got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self._comm: TorchComm | None = world_comm(process_group, timeout, transport)
+        self._comm: TorchComm | None = make_comm(process_group, timeout, transport)
         n, rank = (self._comm.world_size, self._comm.rank) if self._comm is not None else (1, 0)
         self._attack = attack_of(byzantine, rank, n)
         self._seed = seed

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dlion.server.ledger import Ledger
-from dlion.server.ps import ServerLink
+from dlion.ledger import Ledger
+from dlion.server import ServerLink
 from dlion.worker.byzantine import Byzantine
 from dlion.worker.config import Vote
 from dlion.worker.dgc import build_dgc

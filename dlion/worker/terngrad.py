@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 from dlion.compress import terngrad as codec
-from dlion.kernels.cpu import all_finite
-from dlion.server.comm import TorchComm, world_comm
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.kernels import all_finite
+from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.transport import TorchComm, make_comm
 from dlion.worker.agreement import (
     CommRanks,
     agree_on_step,
@@ -110,7 +110,7 @@ class TernGrad(CommRanks):
     ) -> None:
         self.inner = inner
         self.config = config if config is not None else TernGradConfig()
-        self._comm: TorchComm | None = world_comm(process_group, self.config.timeout, self.config.transport)
+        self._comm: TorchComm | None = make_comm(process_group, self.config.timeout, self.config.transport)
         self._flat: list[torch.Tensor] = [p for g in inner.param_groups for p in g["params"]]
         self.ledger = Ledger(n_params=sum(p.numel() for p in self._flat))
         self.steps_taken = 0  # steps that ran, skipped ones included: keys the draws

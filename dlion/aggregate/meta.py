@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from dlion import version
-from dlion.server.comm import TorchComm
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.transport import TorchComm
 
 FINGERPRINT_FIELDS = ("format+version", "tensors", "elements", "shapes+dtypes", "config")
 _FORMAT = 1  # bump when the wire format changes

@@ -2,7 +2,7 @@
 
 Every wait is bounded: collectives run with ``async_op=True`` and ``Work.wait(timeout)``,
 so a rank that disappears turns into a CollectiveTimeout naming the collective and, by a
-roll call (dlion.server.liveness), the ranks that are gone; never a silent hang.
+roll call (dlion.transport.liveness), the ranks that are gone; never a silent hang.
 """
 
 from __future__ import annotations
@@ -11,37 +11,16 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dlion.server.liveness import absent_text, roll_call
+from dlion.transport.base import CollectiveTimeout, Pending, deadline_of
+from dlion.transport.liveness import absent_text, roll_call
 
 # torch 2.13 renamed all_gather_into_tensor; the older name serves torch 2.4 to 2.12.
 _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective did not complete within the configured timeout."""
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A posted point-to-point send or receive: ``buf`` is valid once it is waited for."""
-
-    work: Any
-    buf: torch.Tensor
-    what: str
-    peer: int
-    expect_bytes: int = -1  # receives: the exact length the message must have
-    staging: Any = None  # a transport's receive buffer, when it is not ``buf``
-
-
-def deadline_of(timeout: timedelta | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout.total_seconds()
 
 
 class TorchComm:
@@ -185,16 +164,3 @@ class TorchComm:
         if not_done:
             missing = ", ".join(futures[f].what for f in not_done)
             raise CollectiveTimeout(f"rank {self.rank}: no {missing} within {self.timeout}")
-
-
-def world_comm(group: dist.ProcessGroup | None, timeout: timedelta | None, transport: str = "torch") -> Any:
-    """The transport: MpiComm for "mpi"; for "torch", TorchComm over ``group``, or None
-    when torch.distributed is not initialised (a single process)."""
-    if transport == "mpi":
-        from dlion.server.mpi_comm import MpiComm
-
-        # Under MPI, ``group`` is an mpi4py communicator (None: COMM_WORLD).
-        return MpiComm(group, timeout=timeout)
-    if dist.is_available() and dist.is_initialized():
-        return TorchComm(group, timeout)
-    return None

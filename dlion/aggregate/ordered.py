@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic
+from dlion.ledger import CollectiveRecord, Ledger, Traffic
 
 
 def ring_all_gather(chunks: Sequence[Traffic], rank: int) -> tuple[Traffic, Traffic]:

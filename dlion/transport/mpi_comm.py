@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dlion.server.comm import CollectiveTimeout, Pending, deadline_of
+from dlion.transport.base import CollectiveTimeout, Pending, deadline_of
 
 _POLL_S = 2e-4
 

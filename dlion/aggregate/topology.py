@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dlion.server.comm import TorchComm
-from dlion.server.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
+from dlion.transport import TorchComm
+from dlion.wire import WORD_BYTES
 
 Combine = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-WORD_BYTES = 16
 
 
 @dataclass(frozen=True)
