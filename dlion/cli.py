@@ -1,118 +1,63 @@
 """The ``dlion`` command.
 
     dlion train --workers N --optimizer NAME [--steps ...] [--out DIR] [train flags]
-    dlion cluster --hosts H --procs-per-host K --rate 1gbit [train flags]
-    dlion bench PART [--small] ...      (kernels, comm, netcomm, convergence, project, byzantine, soak, gpu)
     dlion report RUN_DIR... [--out DIR]
 
-``--workers`` local processes run ``python -m dlion.train`` (see dlion.launch.local), or,
-with ``--transport mpi``, as many ranks under mpiexec (dlion.launch.mpi). ``--server
-dedicated`` adds one process, the parameter server. ``dlion cluster`` runs the job on H
-emulated hosts joined by rate-limited links (dlion.launch.netcluster; needs root).
+``dlion train`` runs the training job (``python -m dlion.train``) on N local processes
+joined by Gloo (dlion.run.local), or with ``--transport mpi`` on as many ranks under
+mpiexec (dlion.run.mpi); ``--server dedicated`` adds one process, the parameter server.
+The other engines start the same job themselves: torchrun (``torchrun -m dlion.train``),
+Ray (``launch/ray_job.py``) and the emulated cluster (``launch/cluster.py``), from a
+checkout.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
-from dlion.launch.local import launch_local
-from dlion.launch.mpi import launch_mpi
-from dlion.launch.netcluster import add_cluster_arguments, run_cluster
-from dlion.train.config import add_train_arguments, config_from_args
-from dlion.train.loop import LOCAL_OPTIMIZERS
+from dlion.report.cli import main as report_main
+from dlion.run.local import launch_local
+from dlion.run.mpi import launch_mpi
+from dlion.train.args import add_train_arguments, config_from_args
+from dlion.worker.catalogue import default_workers, entry
 
 DEFAULT_WORKERS = 4
-# `dlion bench PART`: the module whose main() runs it.
-BENCH_PARTS = {
-    "kernels": "dlion.bench.kernels",
-    "comm": "dlion.bench.comm",
-    "netcomm": "dlion.bench.netcomm",
-    "convergence": "dlion.bench.convergence",
-    "project": "dlion.bench.project",
-    "byzantine": "dlion.bench.byzantine",
-    "soak": "dlion.bench.soak",
-    "gpu": "dlion.bench.gpu",
-}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return _parsers()[0]
-
-
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The top-level parser and its ``train`` and ``cluster`` subparsers (each reports its errors)."""
-    parser = argparse.ArgumentParser(
-        prog="dlion", description="Distributed Lion: 1-bit distributed training."
-    )
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its ``train`` subparser (which reports its own errors)."""
+    parser = argparse.ArgumentParser(prog="dlion", description="Distributed Lion: 1-bit distributed training")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser(
         "train",
-        help="train a byte-level transformer on N local workers",
-        description="Train a byte-level transformer on the Python standard library with N local workers "
-        "joined by a Gloo process group; writes OUT/report.json.",
+        help="train on N local worker processes",
+        description="Train a model with N local workers joined by a Gloo process group (or MPI ranks "
+        "under mpiexec); writes OUT/report.json.",
     )
     train.add_argument(
         "--workers",
         type=int,
         default=None,
-        help=f"local worker processes (default: 1 for {', '.join(sorted(LOCAL_OPTIMIZERS))}, "
-        f"else {DEFAULT_WORKERS})",
+        help=f"local worker processes (default: 1 for a single-process optimizer, else {DEFAULT_WORKERS})",
     )
     add_train_arguments(train)
-    cluster = sub.add_parser(
-        "cluster",
-        help="train on H emulated hosts: network namespaces on a bridge, links shaped by tc tbf (root)",
-        description="Train on H emulated hosts (network namespaces joined by a bridge, each link limited "
-        "by tc tbf), K torchrun workers per host; adds each host's interface bytes beside the ledger's "
-        "to OUT/report.json and removes the network on every exit. Needs root.",
-    )
-    add_cluster_arguments(cluster)
-    bench = sub.add_parser(
-        "bench",
-        help=f"benchmarks: {', '.join(BENCH_PARTS)} (each takes --small and --help)",
-        description="Run one benchmark; the arguments after PART go to it (`dlion bench PART --help`).",
-    )
-    bench.add_argument(
-        "part", choices=sorted(BENCH_PARTS), metavar="PART", help=", ".join(sorted(BENCH_PARTS))
-    )
     sub.add_parser("report", help="turn RUN_DIR/report.json files into a Markdown table and PNG plots")
-    return parser, train, cluster
-
-
-def _run_module(module: str, argv: list[str]) -> int:
-    code: int = importlib.import_module(module).main(argv)
-    return code
+    return parser, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `bench PART ...` and `report ...` hand every later argument, --help included, to the tool.
+    # `report ...` hands every later argument, --help included, to the report tool.
     if argv[:1] == ["report"]:
-        return _run_module("dlion.bench.runs", argv[1:])
-    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCH_PARTS:
-        return _run_module(BENCH_PARTS[argv[1]], argv[2:])
-    parser, train, cluster = _parsers()
+        return report_main(argv[1:])
+    parser, train = _parsers()
     args = parser.parse_args(argv)
-    if args.command == "cluster":
-        try:
-            return run_cluster(args)
-        except ValueError as e:
-            cluster.error(str(e))
-    workers = args.workers
-    if workers is None:
-        workers = 1 if args.optimizer in LOCAL_OPTIMIZERS else DEFAULT_WORKERS
-    if workers < 1:
-        train.error(f"--workers must be >= 1, got {workers}")
-    if args.optimizer in LOCAL_OPTIMIZERS and workers != 1:
-        train.error(
-            f"optimizer {args.optimizer!r} is single-process and needs --workers 1, got --workers {workers}; "
-            "use lion-global or dlion-mavo for several workers"
-        )
     try:
         cfg = config_from_args(args)
+        workers = default_workers(cfg.optimizer, args.workers, DEFAULT_WORKERS)
+        entry(cfg.optimizer).check_world_size(workers, "--workers")
     except ValueError as e:
         train.error(str(e))
     # A dedicated parameter server is one process more than the workers: the last rank.

@@ -35,7 +35,7 @@ JOIN_S = 10  # how long a rank may take to exit after its result, before it is k
 # What every rank would otherwise import for itself (a module that is missing is skipped).
 _WARM_MODULES = (
     "dlion",
-    "dlion.worker.registry",
+    "dlion.worker.catalogue",
     "dlion.kernels",
     "torch",
     "torch.distributed",

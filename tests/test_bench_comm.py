@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from dlion.bench.comm import BenchConfig
-from dlion.bench.comm_launch import find_mpiexec
-from dlion.bench.comm_model import FP32, Variant, bucket_bytes, expected_bytes
+from bench.comm import BenchConfig
+from bench.comm_launch import find_mpiexec
+from bench.comm_model import FP32, Variant, bucket_bytes, expected_bytes
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("comm")
-    cmd = [sys.executable, "-m", "dlion.bench.comm", "--small", "--out", str(out), "--timeout", "150"]
+    cmd = [sys.executable, "-m", "bench.comm", "--small", "--out", str(out), "--timeout", "150"]
     env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_bad_config_is_named(kwargs: dict, message: str) -> None:
 
 
 def test_cli_refuses_bad_params(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "dlion.bench.comm", "--params", "0", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "bench.comm", "--params", "0", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert "--params must be an int >= 1, got 0" in proc.stderr

@@ -16,7 +16,7 @@ from test_distributed_lion import BUCKET_NUMEL, GROUPS, _train, assert_bits_equa
 from dlion.kernels import pack_signs_ref
 from dlion.train.config import TrainConfig
 from dlion.worker.byzantine import Byzantine, attack_key, corrupt_grad, corrupt_signs
-from dlion.worker.registry import build_optimizer
+from dlion.worker.catalogue import build_optimizer
 
 from multiproc import run_ok
 from sim import simulate
@@ -150,7 +150,7 @@ def test_flipped_gradients_equal_negated_ones_on_the_all_reduce() -> None:
 
 
 def test_byzantine_bench_runs_attacked_jobs(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "dlion", "bench", "byzantine", "--small", "--task", "digits", "--steps", "3"]
+    cmd = [sys.executable, "-m", "bench.byzantine", "--small", "--task", "digits", "--steps", "3"]
     proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "byzantine.json").read_text())

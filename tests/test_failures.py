@@ -67,7 +67,7 @@ def test_stalled_rank_times_out_in_the_backend_collective(
 
 
 def _killed_at_step_two(rank: int, world: int, optimizer: str, backend: str) -> dict[str, object]:
-    from dlion.worker.registry import build_optimizer
+    from dlion.worker.catalogue import build_optimizer
 
     p = torch.nn.Parameter(torch.zeros(1000))
     timeout = timedelta(seconds=KILL_TIMEOUT_S)

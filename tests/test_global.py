@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dlion
-from dlion.worker.registry import build_optimizer
+from dlion.worker.catalogue import build_optimizer
 
 from multiproc import run_ok
 

@@ -16,7 +16,7 @@ from test_distributed_lion import assert_matches_simulation
 
 
 def _mpiexec() -> str:
-    from dlion.launch.mpi import find_mpiexec
+    from dlion.run.mpi import find_mpiexec
 
     try:
         found = find_mpiexec()

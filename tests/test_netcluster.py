@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from dlion.launch import netcluster, netreport
-from dlion.launch.netns import (
+from launch import cluster as netcluster
+from launch import netreport
+from launch.netns import (
     EmulatedNetwork,
     HostCounters,
     NetSpec,
@@ -52,7 +53,7 @@ def namespaces() -> None:
 
 
 def _launch(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "dlion.launch.netcluster", "--time-limit-s", "70", "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "launch.cluster", "--time-limit-s", "70", "--out", str(out), *args]
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
     )
@@ -281,7 +282,7 @@ def test_network_section_sums_ranks_per_host() -> None:
 
 
 def test_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dlion.launch import netns
+    from launch import netns
 
     monkeypatch.setattr(netns.shutil, "which", lambda tool: None)
     assert namespaces_unavailable() == "`ip` (iproute2) is not on PATH"

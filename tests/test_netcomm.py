@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from dlion.bench import netcomm
-from dlion.bench.netcomm_model import BASELINE, CASES, HEADLINE, MIN_PARAMS, Case, expected, tensor_shapes
-from dlion.bench.netcomm_report import Row, bytes_table, headlines, time_table
-from dlion.launch.netns import namespaces_unavailable
+from bench import netcomm
+from bench.netcomm_model import BASELINE, CASES, HEADLINE, MIN_PARAMS, Case, expected, tensor_shapes
+from bench.netcomm_report import Row, bytes_table, headlines, time_table
+from launch.netns import namespaces_unavailable
 
 RUN_TIMEOUT_S = 150
 
@@ -30,7 +30,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
     if reason is not None:
         pytest.skip(f"emulated hosts need network namespaces: {reason}")
     out = tmp_path_factory.mktemp("netcomm")
-    cmd = [sys.executable, "-m", "dlion.bench.netcomm", "--small", "--out", str(out), "--time-limit-s", "120"]
+    cmd = [sys.executable, "-m", "bench.netcomm", "--small", "--out", str(out), "--time-limit-s", "120"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
@@ -46,7 +46,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
 
 
 def _leftovers(pid: int) -> list[str]:
-    """Namespaces and links named after launcher ``pid``'s networks (dlion.launch.netns's names)."""
+    """Namespaces and links named after launcher ``pid``'s networks (launch.netns's names)."""
     mine = re.compile(rf"^(?:dlion-{pid}[a-z]-h\d+|dln{pid}[a-z](?:br|[vp]\d+))$")
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
     return [n for n in [*names, *os.listdir("/sys/class/net")] if mine.match(n)]

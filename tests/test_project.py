@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from dlion.bench import project as cli
-from dlion.bench.project_model import (
+from bench import project as cli
+from bench.project_model import (
     BY_LABEL,
     FP32_RING,
     METHODS,

@@ -1,4 +1,4 @@
-"""Ray Train: `ray job submit` of dlion.launch.ray_job on a local cluster this test starts and stops.
+"""Ray Train: `ray job submit` of launch.ray_job on a local cluster this test starts and stops.
 
 One run covers the issue's checks: a worker fails once after the first checkpoint, Ray's
 FailureConfig restarts the worker group, every rank restores its own momentum, and the
@@ -31,7 +31,7 @@ FLAGS = [*TINY, "--checkpoint-every", "2", "--optimizer", "dlion-mavo"]
 @needs_ray
 @pytest.mark.timeout(JOB_TIMEOUT_S + 120)
 def test_ray_job_submit_restarts_and_restores_each_ranks_momentum(tmp_path: Path) -> None:
-    from dlion.launch.ray_cluster import LocalRayCluster
+    from launch.ray_cluster import LocalRayCluster
 
     local = _run(
         [sys.executable, "-m", "dlion", "train", "--workers", "2", *FLAGS, "--out", str(tmp_path / "l")]
@@ -42,7 +42,7 @@ def test_ray_job_submit_restarts_and_restores_each_ranks_momentum(tmp_path: Path
     with LocalRayCluster(num_cpus=4) as cluster:
         cmd = ["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", "."]
         cmd += ["--runtime-env-json", json.dumps({"env_vars": fault}), "--"]
-        cmd += [sys.executable, "-m", "dlion.launch.ray_job", "--workers", "2", "--max-failures", "1"]
+        cmd += [sys.executable, "-m", "launch.ray_job", "--workers", "2", "--max-failures", "1"]
         cmd += ["--name", "t", "--storage-path", str(storage), *FLAGS, "--out", str(out)]
         cli = str(Path(sys.executable).with_name("ray"))
         proc = subprocess.run(
@@ -93,7 +93,7 @@ def test_ray_job_submit_restarts_and_restores_each_ranks_momentum(tmp_path: Path
 def test_ray_job_refuses_bad_flags_before_touching_ray(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dlion.launch.ray_job import main
+    from launch.ray_job import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)

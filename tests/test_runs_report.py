@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from dlion.bench.runs import ReportError, group_runs, load_runs, main, markdown_table, summarize
-from dlion.bench.runs_plot import curve
+from dlion.report.plots import curve
+from dlion.report.cli import main
+from dlion.report.runs import ReportError, group_runs, load_runs
+from dlion.report.table import markdown_table, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEP_BYTES = [[120, 130], [100, 100], [100, 100], [100, 100]]  # the first step carries a fingerprint

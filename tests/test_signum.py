@@ -24,7 +24,7 @@ def _init() -> list[torch.Tensor]:
 
 
 def _run(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
-    from dlion.worker.registry import build_optimizer
+    from dlion.worker.catalogue import build_optimizer
 
     out = {}
     for backend in BACKENDS:

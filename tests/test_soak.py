@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dlion.bench.soak import check_ranks, ledger_consistent
+from bench.soak import check_ranks, ledger_consistent
 
 
 def _resources(rss: list[int], fds: list[int], threads: list[int]) -> dict[str, object]:
@@ -33,7 +33,7 @@ def test_checks_catch_memory_descriptor_and_thread_growth() -> None:
 
 
 def test_short_soak_of_the_job_holds_steady(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "dlion", "bench", "soak", "--steps", "150", "--workers", "2"]
+    cmd = [sys.executable, "-m", "bench.soak", "--steps", "150", "--workers", "2"]
     proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     summary = json.loads((tmp_path / "soak.json").read_text())
     assert proc.returncode == 0, (summary, proc.stderr[-2000:])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlion.bench.convergence import Plan, command
+from bench.convergence import Plan, command
 from dlion.train.config import TrainConfig
 from dlion.train.digits import DigitsCNN, DigitsSampler, digits_eval_batches, load_digits
 from dlion.train.tasks import build_task, evaluate
@@ -61,7 +61,7 @@ def test_convergence_plan_validates_and_builds_commands(tmp_path: Path) -> None:
     grid = {"optimizers": ("dlion-mavo",), "workers": (4,), "seeds": (1,)}
     plan = Plan(tasks=("digits",), **grid, steps=5, rate="1gbit", out=tmp_path)
     cmd = command(plan, "digits", "dlion-mavo", 4, 1)
-    assert cmd[2:4] == ["dlion", "cluster"] and cmd[cmd.index("--hosts") + 1] == "4"
+    assert cmd[2] == "launch.cluster" and cmd[cmd.index("--hosts") + 1] == "4"
     assert cmd[cmd.index("--out") + 1] == str(tmp_path / "runs" / "digits" / "dlion-mavo-w4-s1")
     assert cmd[cmd.index("--backend") + 1] == "sharded"  # the votes send their fewest bits
     assert "--backend" not in command(plan, "digits", "adamw-global", 4, 1)
@@ -76,7 +76,7 @@ def test_convergence_plan_validates_and_builds_commands(tmp_path: Path) -> None:
 
 
 def test_convergence_bench_runs_and_resumes(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "dlion.bench.convergence", "--tasks", "digits", "--workers", "2"]
+    cmd = [sys.executable, "-m", "bench.convergence", "--tasks", "digits", "--workers", "2"]
     cmd += ["--optimizers", "dlion-mavo,adamw-global", "--seeds", "0", "--steps", "3", "--out", str(tmp_path)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -314,7 +314,7 @@ def test_gloo_ranks_match_simulation(world: int) -> None:
 def test_mpi_matches_simulation(tmp_path: Path) -> None:
     import importlib.util
 
-    from dlion.launch.mpi import find_mpiexec
+    from dlion.run.mpi import find_mpiexec
 
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("needs mpi4py")

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 import torch
 
-from dlion.train.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, parse_config
+from dlion.train.args import parse_config
+from dlion.train.config import TrainConfig
 from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
 from dlion.train.loop import FAULT_KIND_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV, warmup_cosine
 from dlion.train.model import ByteGPT, ModelConfig
-from dlion.worker.registry import OPTIMIZER_NAMES
+from dlion.worker.catalogue import OPTIMIZER_NAMES, entry
 
 TINY = [
     "--steps", "5", "--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32",
@@ -226,7 +227,9 @@ def test_config_defaults_resolve_per_optimizer() -> None:
     assert parse_config(adam.to_argv()) == adam
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainConfig(optimizer="sgd")
-    assert set(DEFAULT_LR) == set(DEFAULT_WEIGHT_DECAY) == set(OPTIMIZER_NAMES)
+    for name in OPTIMIZER_NAMES:  # every optimizer's defaults come from its catalogue row
+        cfg = TrainConfig(optimizer=name)
+        assert (cfg.lr, cfg.weight_decay) == (entry(name).lr, entry(name).weight_decay) and cfg.lr > 0
 
 
 def test_data_split_is_deterministic_and_disjoint() -> None:
@@ -288,7 +291,7 @@ def test_cautious_flag_round_trips_through_the_worker_argv() -> None:
 
 
 def test_launcher_names_a_failed_server_as_the_server() -> None:
-    from dlion.launch.local import WorkerFailure
+    from dlion.run.local import WorkerFailure
 
     failure = WorkerFailure(rank=2, returncode=1, error="WorkerLost: ...", time=0.0)
     assert failure.describe(server_rank=2).startswith("the parameter server rank 2 failed with exit code 1")

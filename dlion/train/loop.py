@@ -24,8 +24,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from dlion.ledger import Ledger
 from dlion.server import ParameterServer, ServerLink, split_server
 from dlion.train import dist as tdist
+from dlion.train.args import parse_config
 from dlion.train.checkpoint import CheckpointStore, DirStore, TrainParts, load_parts, save_parts
-from dlion.train.config import TrainConfig, parse_config
+from dlion.train.config import TrainConfig
 from dlion.train.progress import Progress
 from dlion.train.report import (
     RunRecord,
@@ -38,7 +39,7 @@ from dlion.train.resources import ResourceLog
 from dlion.train.tasks import build_task, evaluate
 from dlion.transport import make_comm
 from dlion.worker.byzantine import Byzantine
-from dlion.worker.registry import build_optimizer
+from dlion.worker.catalogue import entry
 
 # Test hook: the rank named here raises at the step named (default 0), so tests can
 # check that the launcher stops the job and names the rank.
@@ -53,8 +54,6 @@ CHECKPOINT_KILL = "checkpoint-kill"
 
 # Collective records the job keeps per rank: enough to look at, bounded for long runs.
 LEDGER_RECORDS = 100
-# Optimizers that run without a process group, and refuse a world size > 1.
-LOCAL_OPTIMIZERS = frozenset({"lion"})
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Any:
@@ -127,21 +126,13 @@ def train(
         link, group = roles.link, roles.workers
     task = build_task(cfg, rank=ctx.rank, device=ctx.device)
     model, sampler = task.model, task.sampler
-    opt = build_optimizer(
-        cfg.optimizer,
-        list(model.named_parameters()),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        betas=(cfg.beta1, cfg.beta2),
-        seed=cfg.seed,
-        backend=cfg.backend,
-        transport=cfg.transport,
+    args = cfg.build_args(
         process_group=group,
         server=link,
-        cautious_wd=cfg.cautious_wd,
         byzantine=Byzantine(workers=cfg.byzantine, attack=cfg.attack) if cfg.byzantine else None,
         timeout=timedelta(seconds=cfg.timeout_s),
     )
+    opt: Any = entry(cfg.optimizer).make(list(model.named_parameters()), args)
     opt.ledger.keep_records = LEDGER_RECORDS  # totals cover every step; records, the last few
     sched = LambdaLR(_torch_optimizer(opt), warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     is_main = ctx.rank == 0
@@ -280,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     cfg = parse_config(argv)
-    local = cfg.optimizer in LOCAL_OPTIMIZERS
+    local = entry(cfg.optimizer).single_process
     try:
         ctx = tdist.setup(needs_group=not local, timeout_s=cfg.timeout_s, transport=cfg.transport)
     except ValueError as e:

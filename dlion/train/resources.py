@@ -2,7 +2,7 @@
 
 Sampled on every rank at each validation step and gathered into the report, so any run
 shows whether memory, descriptors or threads grow with the step count (the soak bench,
-dlion.bench.soak, checks that they do not). Linux reads /proc; elsewhere a figure it
+bench.soak, checks that they do not). Linux reads /proc; elsewhere a figure it
 cannot read is -1.
 """
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dlion.ledger import Ledger
 from dlion.worker.config import check_lion_hyperparameters
 
 
@@ -54,7 +55,8 @@ class Lion(torch.optim.Optimizer):
     """Lion on one process: ``p <- p - lr*(sign(b1*m + (1-b1)*g) + wd*p)``.
 
     Momentum (``state[p]["exp_avg"]``) is float32 whatever the parameter dtype.
-    Parameters whose ``.grad`` is None are skipped, as in every torch optimizer.
+    Parameters whose ``.grad`` is None are skipped, as in every torch optimizer. Its
+    ``ledger`` stays empty (one process sends nothing), like every dlion optimizer's at N = 1.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Lion(torch.optim.Optimizer):
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
         self.cautious_wd = bool(cautious_wd)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+        self.ledger = Ledger(n_params=sum(p.numel() for g in self.param_groups for p in g["params"]))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

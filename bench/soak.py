@@ -1,6 +1,6 @@
 """Soak: thousands of steps on a small model; nothing may grow with the step count.
 
-    python -m dlion.bench.soak [--small] [--steps 3000] [--workers 4]
+    python -m bench.soak [--small] [--steps 3000] [--workers 4]
         [--optimizer dlion-mavo] [--backend sharded] [--out DIR]
 
 Runs one `dlion train` job on a small byte-level model and reads its report, whose
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlion.bench.jobs import Job, run_jobs, train_argv
-from dlion.train.config import BACKENDS
-from dlion.worker.registry import OPTIMIZER_NAMES
+from bench.jobs import Job, run_jobs, train_argv
+from dlion.worker.catalogue import OPTIMIZER_NAMES
+from dlion.worker.config import BACKENDS
 
 RSS_GROWTH_LIMIT = 0.05
 WARMUP_FRACTION = 0.2
@@ -107,7 +107,7 @@ def markdown(report: dict[str, Any], checks: list[RankCheck], ledger_ok: bool) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dlion.bench.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help=f"{SMALL_STEPS} steps (for CI)")
     p.add_argument("--steps", type=int, default=None, help=f"default: {FULL_STEPS}")
     p.add_argument("--workers", type=int, default=4, help="default: %(default)s")

@@ -1,6 +1,6 @@
 """The training job on a Ray cluster, through Ray Train's TorchTrainer.
 
-    ray job submit --working-dir . -- python -m dlion.launch.ray_job --workers 4 [--gpus-per-worker 1] ...
+    ray job submit --working-dir . -- python -m launch.ray_job --workers 4 [--gpus-per-worker 1] ...
 
 The driver (this module, wherever ``ray job submit`` runs it) builds the TrainConfig,
 so a bad flag fails before any worker starts, and hands every worker the same argv.
@@ -31,8 +31,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dlion.train.config import TrainConfig, add_train_arguments, config_from_args, parse_config
+from dlion.train.args import add_train_arguments, config_from_args, parse_config
+from dlion.train.config import TrainConfig
 from dlion.train.report import REPORT_FILE
+from dlion.worker.catalogue import entry
 
 # Ray Train's default of 60 s for the worker group to start is too short for a few workers
 # importing torch on a small machine; a user's own setting wins.
@@ -75,7 +77,7 @@ def _worker(config: dict[str, Any]) -> None:
 
     started = time.perf_counter()
     os.environ.update(config["env"])
-    cfg = parse_config(config["argv"], prog="dlion.launch.ray_job worker")
+    cfg = parse_config(config["argv"], prog="launch.ray_job worker")
     ctx = tdist.joined(ray.train.torch.get_device(), cfg.timeout_s)
     tdist.set_thread_counts(ctx.local_world_size)
     train(cfg, ctx, started, RayStore())
@@ -83,7 +85,7 @@ def _worker(config: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dlion.launch.ray_job",
+        prog="python -m launch.ray_job",
         description="Train the byte-level transformer on a Ray cluster with Ray Train's TorchTrainer; "
         "writes OUT/report.json like `dlion train`.",
     )
@@ -129,7 +131,7 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainC
         "transport": (cfg.transport != "torch", "Ray makes a torch.distributed group; use --transport torch"),
         "server": (cfg.server != "rank0", "a dedicated server process does not report checkpoints to Ray"),
         "checkpoint-dir": (cfg.checkpoint_dir is not None, "Ray keeps the checkpoints (see --storage-path)"),
-        "optimizer": (cfg.optimizer == "lion", "'lion' is single-process; use lion-global or dlion-mavo"),
+        "optimizer": (entry(cfg.optimizer).single_process, "single-process; use lion-global or dlion-mavo"),
     }
     for flag, (bad, why) in refused.items():
         if bad:
@@ -176,10 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError and friends: say what failed, no traceback
-        print(f"dlion.launch.ray_job: run {name!r} failed: {e}", file=sys.stderr, flush=True)
+        print(f"launch.ray_job: run {name!r} failed: {e}", file=sys.stderr, flush=True)
         return 1
     if result.checkpoint is None:
-        print(f"dlion.launch.ray_job: run {name!r} ended without a checkpoint", file=sys.stderr, flush=True)
+        print(f"launch.ray_job: run {name!r} ended without a checkpoint", file=sys.stderr, flush=True)
         return 1
     with result.checkpoint.as_directory() as folder:
         report = _read_report(Path(folder))

@@ -100,7 +100,7 @@ def kernel_rows(n: int, iters: int) -> list[KernelRow]:
 def _triton_pack(x: torch.Tensor, n: int) -> list[tuple[str, Callable[[], object], int, float | None]]:
     """The same pack written in Triton, the alternative to numba-cuda (not used by dlion)."""
     try:
-        from dlion.bench.gpu_triton import triton_pack
+        from bench.gpu_triton import triton_pack
     except ImportError:
         return []
     out = torch.empty(n // 8, dtype=torch.uint8, device=x.device)

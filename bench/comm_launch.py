@@ -2,7 +2,7 @@
 
 torch: N spawned processes join a Gloo process group through a file store; each writes
 its results, then leaves with ``os._exit`` (Gloo can abort at interpreter exit). MPI:
-``mpiexec -n N python -m mpi4py -m dlion.bench.comm_launch SPEC``, so one rank's exception
+``mpiexec -n N python -m mpi4py -m bench.comm_launch SPEC``, so one rank's exception
 aborts the job. Every wait is bounded by the spec's timeout; a failed rank stops the rest.
 """
 
@@ -23,8 +23,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dlion.bench.comm_rank import LaunchSpec, run_rank
-from dlion.launch import mpi as launch_mpi
+from bench.comm_rank import LaunchSpec, run_rank
+from dlion.run import mpi as launch_mpi
 
 
 class LaunchError(RuntimeError):
@@ -95,7 +95,7 @@ def run_torch(spec: LaunchSpec, spec_path: Path) -> None:
 
 def run_mpi(spec: LaunchSpec, spec_path: Path, mpiexec: str) -> None:
     cmd = [mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", str(spec.world)]
-    cmd += [sys.executable, "-m", "mpi4py", "-m", "dlion.bench.comm_launch", str(spec_path)]
+    cmd += [sys.executable, "-m", "mpi4py", "-m", "bench.comm_launch", str(spec_path)]
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -142,5 +142,5 @@ def launch(spec: LaunchSpec, mpiexec: str | None = None) -> list[dict[str, Any]]
             raise LaunchError(f"a rank left no results: {err}") from err
 
 
-if __name__ == "__main__":  # an MPI rank: python -m mpi4py -m dlion.bench.comm_launch SPEC
+if __name__ == "__main__":  # an MPI rank: python -m mpi4py -m bench.comm_launch SPEC
     raise SystemExit(mpi_child(sys.argv[1]))

@@ -1,6 +1,6 @@
 """What majority vote survives: final validation loss with K of N workers attacking.
 
-    python -m dlion.bench.byzantine [--small] [--workers N] [--optimizers ...]
+    python -m bench.byzantine [--small] [--workers N] [--optimizers ...]
         [--attacks flip,random,zero] [--seeds 0] [--steps S] [--task bytes] [--out DIR]
 
 For K = 0, 1, ... up to just under N/2, every optimizer trains with the last K ranks
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlion.bench.convergence import ints, names
-from dlion.bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
+from bench.convergence import ints, names
+from bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
 from dlion.train.config import TASKS
+from dlion.worker import catalogue
 from dlion.worker.byzantine import ATTACKS
-from dlion.worker.registry import BYZANTINE
 
 DEFAULT_OPTIMIZERS = ("dlion-mavo", "dlion-avg", "adamw-global")
 # 5 workers: odd, so the vote has no ties, and up to 2 attackers stay under N/2.
@@ -49,7 +49,7 @@ class Plan:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.workers < 2:
             raise ValueError(f"workers must be >= 2 (one attacker and an honest rank), got {self.workers}")
-        check_names("optimizers", self.optimizers, BYZANTINE)
+        check_names("optimizers", self.optimizers, catalogue.names(byzantine=True))
         check_names("attacks", self.attacks, ATTACKS)
         check_ints("seeds", self.seeds, low=0)
         if self.steps < 1:
@@ -148,7 +148,7 @@ def figure(plan: Plan, rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dlion.bench.byzantine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.byzantine", description=__doc__.split("\n\n")[0])
     small = f"{SMALL_WORKERS} workers, {SMALL_STEPS} steps, {','.join(SMALL_OPTIMIZERS)}, flip only"
     p.add_argument("--small", action="store_true", help=small)
     p.add_argument("--task", choices=TASKS, default="bytes", help="default: %(default)s")

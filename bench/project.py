@@ -1,13 +1,13 @@
 """Cost-model projection: communication time per step from 8 to 1024 workers, by method.
 
-The measured benchmark (``dlion.bench.comm``) runs a handful of ranks on one machine; this
+The measured benchmark (``bench.comm``) runs a handful of ranks on one machine; this
 projects the same steps to large clusters without running them. Each method's collectives
 per step (``project_model.plan``: the records its optimizer's ledger makes, whose bytes this
 run checks against ``comm_model``'s closed forms at every N it projects) are timed with an
 alpha-beta model, ring or tree per collective, and compared with fp32 ring all-reduce and
 with the compute time of one step.
 
-    python -m dlion.bench.project --params 25e6 [--compute-ms 100] [--workers 8,16,...,1024]
+    python -m bench.project --params 25e6 [--compute-ms 100] [--workers 8,16,...,1024]
         [--gbits 10,100,400] [--alpha-us 20,5,5] [--algorithm best] [--out bench-results/project]
 
 Prints, per bandwidth, the projected communication ms per step of every method at every N
@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dlion.bench.comm_rank import tensor_numels
-from dlion.bench.project_model import (
+from bench.comm_rank import tensor_numels
+from bench.project_model import (
     ALGORITHMS,
     FP32_RING,
     METHODS,
@@ -318,7 +318,7 @@ def run_project(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dlion.bench.project",
+        prog="python -m bench.project",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dlion.launch.netns import IFNAME, HostCounters, NetSpec
+from launch.netns import IFNAME, HostCounters, NetSpec
 
 NOTE = (
     "interface bytes are Ethernet frames on each host's eth0, inside its namespace. Beyond the "

@@ -1,6 +1,6 @@
 """The GPU path on one GPU: kernels against a copy, optimizer steps against fused AdamW.
 
-    python -m dlion.bench.gpu [--log2n 28] [--layers 17] [--iters 20] [--json PATH]
+    python -m bench.gpu [--log2n 28] [--layers 17] [--iters 20] [--json PATH]
 
 1. Each CUDA kernel on 2^log2n elements as a fraction of a device-to-device copy of the
    same bytes (bench/gpu_kernels.py). Targets: pack and the fused worker step >= 0.7.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.gpu_kernels import KernelRow, cuda_ms, kernel_rows
 from dlion import DistributedLion, Lion
-from dlion.bench.gpu_kernels import KernelRow, cuda_ms, kernel_rows
 from dlion.train.model import ByteGPT, ModelConfig
 
 STEP_TARGET = 1.2  # DistributedLion step time / fused AdamW step time

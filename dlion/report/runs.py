@@ -1,6 +1,6 @@
 """Compare training runs: ``report.json`` files in, a Markdown table, plots and a summary out.
 
-Every launcher (``dlion train``, ``dlion cluster``, torchrun, mpiexec, Ray) writes the same
+Every launcher (``dlion train``, torchrun, mpiexec, Ray, the emulated cluster) writes the same
 report (dlion.train.report), so one reader serves them all. Runs are grouped by their
 configuration with the seed left out: runs that differ only in seed are one row, their final
 validation loss given as the mean and the min-max range over seeds (min-max rather than a
@@ -11,27 +11,23 @@ Bytes are rank 0's ledger, the only rank whose per-step bytes the report keeps (
 time, the sum of step times, without setup or validation: evaluation costs every optimizer
 the same and is not part of what is being compared.
 
-    python -m dlion.bench.runs RUN_DIR... [--out runs/report]
+    dlion report RUN_DIR... [--out runs/report]
 
 A directory argument is a run (it holds report.json) or a folder of runs (every report.json
-below it). Writes OUT/report.md, OUT/summary.json and the PNG plots of dlion.bench.runs_plot.
+below it). Writes OUT/report.md, OUT/summary.json and the PNG plots of dlion.report.plots.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from dlion.bench.runs_plot import SPREAD, markdown_table, plots, summarize
-from dlion.train.config import GATHER_BACKENDS, VOTING_OPTIMIZERS
+from dlion.worker.catalogue import CATALOGUE
 
 REPORT = "report.json"
 DEFAULT_OUT = Path("runs/report")
@@ -42,7 +38,7 @@ LEDGER_KEYS = ("bytes_sent", "bits_per_param_up", "bits_per_param_down")
 RUN_LOCAL = frozenset(("seed", "out", "checkpoint_dir", "checkpoint_every", "timeout_s", "platform"))
 RUN_LOCAL |= {"torch_version", "dlion_version", "python_version"}
 # Only these optimizers run a vote or a gather whose place the backend picks.
-BACKEND_USERS = VOTING_OPTIMIZERS | frozenset(GATHER_BACKENDS)
+BACKEND_USERS = frozenset(e.name for e in CATALOGUE.values() if e.backends)
 
 
 class ReportError(ValueError):
@@ -233,60 +229,3 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         mine = dict(key[-1])
         groups.append(Group(tuple(rs), tuple((n, _show(mine.get(n))) for n in differ)))
     return groups
-
-
-def _clean(x: Any) -> Any:
-    """NaN to null, so summary.json is strict JSON."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    return [_clean(v) for v in x] if isinstance(x, list) else x
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "runs", nargs="+", metavar="RUN_DIR", help=f"a run directory, its {REPORT}, or a folder of runs"
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """Read, group, write; bad input is one line on stderr and exit status 2, not a traceback."""
-    try:
-        groups = group_runs(load_runs(args.runs))
-    except ReportError as e:
-        print(f"dlion report: error: {e}", file=sys.stderr)
-        return 2
-    rows = [summarize(g) for g in groups]
-    table = markdown_table(rows)
-    print(table)
-    out: Path = args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        pngs = plots(groups, out)
-        figures = "".join(f"\n![{p.stem}]({p.name})" for p in pngs)
-        (out / "report.md").write_text(f"# Training runs\n\n{table}\n{figures}\n")
-        summary = {"spread": SPREAD, "rows": rows}
-        (out / "summary.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
-    except OSError as e:
-        print(f"dlion report: error: cannot write to {out}: {e}", file=sys.stderr)
-        return 1
-    names = ", ".join(p.name for p in pngs) or "no plots (matplotlib is missing: pip install -e '.[bench]')"
-    runs = sum(len(g.runs) for g in groups)
-    print(f"\n{len(rows)} configurations from {runs} runs; wrote {out}/report.md, summary.json, {names}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dlion.bench.runs",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_report_arguments(parser)
-    return run_report(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""One rank of the emulated-cluster communication benchmark: ``python -m dlion.bench.netcomm_rank SPEC``.
+"""One rank of the emulated-cluster communication benchmark: ``python -m bench.netcomm_rank SPEC``.
 
-torchrun starts one per emulated host (``dlion.launch.netcluster.run_on_hosts``); ranks
+torchrun starts one per emulated host (``launch.cluster.run_on_hosts``); ranks
 join a Gloo group over the hosts' shaped links. For each model size, every rank builds the
 same parameters (``netcomm_model.tensor_shapes``) and its own seeded gradients, once; then
 for each case, with the parameters reset to their seeded values:
@@ -14,7 +14,7 @@ for each case, with the parameters reset to their seeded values:
   4. this host's eth0 counters (read from /proc/net inside its namespace) before and after
      the timed steps, beside the ledger's bytes of every step.
 
-Each rank writes ``rank{r}.json`` to the spec's folder; the driver (``dlion.bench.netcomm``)
+Each rank writes ``rank{r}.json`` to the spec's folder; the driver (``bench.netcomm``)
 takes the slowest rank of each step. A failure is recorded for the launcher, which names
 the host and rank.
 """
@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dlion.bench.netcomm_model import Case, case_by_label, tensor_shapes
-from dlion.launch.netns import IFNAME, HostCounters, NetnsError, parse_counters
+from bench.netcomm_model import Case, case_by_label, tensor_shapes
 from dlion.train.dist import record_failure, set_thread_counts
+from dlion.worker.catalogue import build_optimizer
 from dlion.worker.dgc import DGC, DGCConfig
-from dlion.worker.registry import build_optimizer
+from launch.netns import IFNAME, HostCounters, NetnsError, parse_counters
 
 LR = 1e-4
 BETA1 = 0.9

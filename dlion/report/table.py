@@ -1,9 +1,4 @@
-"""How ``dlion report`` shows grouped runs: a row of numbers each, the Markdown table, the PNG plots.
-
-dlion.bench.runs knows the report's schema (reading, checking, grouping); this module knows
-how the groups are presented. matplotlib is imported only inside plots(), so a missing
-matplotlib costs the plots, not the table.
-"""
+"""How ``dlion report`` tabulates grouped runs: a row of numbers each, and the Markdown table."""
 
 from __future__ import annotations
 
@@ -11,12 +6,9 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from dlion.bench.runs import Group
+from dlion.report.runs import Group
 
 SPREAD = "min-max over seeds"
 Row = dict[str, Any]
@@ -109,7 +101,7 @@ _COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
 ]
 
 
-def _unit(rows: Sequence[Row]) -> str:
+def loss_unit(rows: Sequence[Row]) -> str:
     """The language model's loss is per byte; a classifier's (digits) is per example."""
     return "nats per byte" if all(r["task"] == "bytes" for r in rows) else "cross-entropy, nats"
 
@@ -130,7 +122,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     ]
     lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
     note = (
-        f"\nfinal val loss: {_unit(rows)}, mean over a row's runs (its seeds); min-max: the lowest and "
+        f"\nfinal val loss: {loss_unit(rows)}, mean over a row's runs (its seeds); min-max: the lowest and "
         "highest of them. Bits and MB: rank 0's ledger (payload, padding and metadata). s/step: mean "
         "step time on rank 0; wall s: the worker's whole run. Both times: mean over the runs."
     )
@@ -139,113 +131,3 @@ def markdown_table(rows: Sequence[Row]) -> str:
             " iface: the emulated cluster's Ethernet bytes sent, per host, and their ratio to the ledger's."
         )
     return "\n".join([*lines, note])
-
-
-@dataclass(frozen=True)
-class Curve:
-    """A group's validation loss at the steps every one of its runs evaluated, over its seeds."""
-
-    label: str
-    seeds: int  # runs pooled; two runs of one seed count twice
-    steps: list[int]
-    loss_mean: list[float]
-    loss_min: list[float]
-    loss_max: list[float]
-    bytes_sent: list[float]  # rank 0's bytes sent up to each step, mean over seeds
-    train_s: list[float]  # the sum of step times up to each step, mean over seeds
-
-
-def curve(group: Group) -> Curve:
-    points = [{p[0]: p for p in r.val_points()} for r in group.runs]
-    steps = sorted(set.intersection(*(set(p) for p in points)))
-    at = [[p[s] for p in points] for s in steps]
-    mean = statistics.fmean
-    return Curve(
-        label=group.label,
-        seeds=len(group.runs),
-        steps=steps,
-        loss_mean=[mean(q[1] for q in qs) for qs in at],
-        loss_min=[min(q[1] for q in qs) for qs in at],
-        loss_max=[max(q[1] for q in qs) for qs in at],
-        bytes_sent=[mean(q[2] for q in qs) for qs in at],
-        train_s=[mean(q[3] for q in qs) for qs in at],
-    )
-
-
-def plots(groups: Sequence[Group], out: Path) -> list[Path]:
-    """Validation loss against step, bytes sent and training time, and bits per parameter
-    per step; the PNGs written, none when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    curves = [curve(g) for g in groups]
-    unit = _unit([{"task": g.first.task} for g in groups])
-    shading = f"line: mean over seeds; shaded: {SPREAD}"
-    axes = [
-        ("val_loss_vs_step.png", "steps", "optimizer step", "Validation loss vs step"),
-        ("val_loss_vs_bytes.png", "bytes_sent", "bytes sent by rank 0 (cumulative, log scale)",
-         "Validation loss vs bytes sent per worker"),
-        ("val_loss_vs_time.png", "train_s", "training time, s (sum of step times; no setup, no validation)",
-         "Validation loss vs training time"),
-    ]  # fmt: skip
-    written = []
-    for name, field, xlabel, title in axes:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        silent = []
-        for i, c in enumerate(curves):
-            xs: list[float] = [float(x) for x in getattr(c, field)]
-            keep = [j for j, x in enumerate(xs) if x > 0 or field != "bytes_sent"]  # log axis: no 0 bytes
-            if not keep:
-                silent.append(c.label)
-                continue
-            x = [xs[j] for j in keep]
-            label = c.label + (f" ({c.seeds} runs)" if c.seeds > 1 else "")
-            ax.plot(x, [c.loss_mean[j] for j in keep], "o-", color=f"C{i}", markersize=3, label=label)
-            if c.seeds > 1:
-                lo, hi = [c.loss_min[j] for j in keep], [c.loss_max[j] for j in keep]
-                ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
-        if field == "bytes_sent":
-            ax.set_xscale("log")
-            if silent:
-                ax.text(0.01, 0.01, "not shown, 0 bytes sent: " + ", ".join(silent),
-                        transform=ax.transAxes, fontsize=8)  # fmt: skip
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"validation loss ({unit})")
-        ax.set_title(f"{title}\n({shading})", fontsize=11)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        written.append(_save(plt, fig, out / name))
-    written.append(_bits_chart(plt, groups, out / "bits_per_param.png"))
-    return written
-
-
-def _bits_chart(plt: Any, groups: Sequence[Group], path: Path) -> Path:
-    """Bits per parameter per step, up and down, one pair of bars per configuration."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 5))
-    labels = [g.label for g in groups]
-    for k, (direction, offset) in enumerate((("up", -0.2), ("down", 0.2))):
-        values = [
-            statistics.fmean(float(r.ledger[f"bits_per_param_{direction}"]) for r in g.runs) for g in groups
-        ]
-        bars = ax.bar([i + offset for i in range(len(groups))], values, 0.4, color=f"C{k}", label=direction)
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7)
-    ax.set_xticks(range(len(groups)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("bits per parameter per step (rank 0 ledger)")
-    ax.set_title(
-        "Communication per optimizer step: bits per parameter, up (sent) and down (received)", fontsize=11
-    )
-    ax.legend()
-    ax.grid(True, axis="y", alpha=0.3)
-    return _save(plt, fig, path)
-
-
-def _save(plt: Any, fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

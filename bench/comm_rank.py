@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed
 
+from bench.comm_model import Variant, by_label
 from dlion import DistributedLion, GlobalOptimizer, ParameterServer, split_server
-from dlion.bench.comm_model import Variant, by_label
 from dlion.server import Roles
 
 LR = 1e-4

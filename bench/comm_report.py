@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlion.bench.comm_model import FP32, HEADLINE, VARIANTS, Bytes, by_label, expected_bytes
+from bench.comm_model import FP32, HEADLINE, VARIANTS, Bytes, by_label, expected_bytes
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Communication benchmark on an emulated cluster: time and bytes per optimizer step, per optimizer.
 
-    python -m dlion.bench.netcomm [--small] [--rates 1gbit,10gbit] [--sizes 1e6,25e6,100e6]
+    python -m bench.netcomm [--small] [--rates 1gbit,10gbit] [--sizes 1e6,25e6,100e6]
                                   [--hosts 4] [--steps 5] [--out bench-results/netcomm]
 
-For each rate, one launch on H emulated hosts (``dlion.launch.netcluster.run_on_hosts``:
+For each rate, one launch on H emulated hosts (``launch.cluster.run_on_hosts``:
 a network namespace each, links shaped to the rate both ways, one process per host) runs
-``dlion.bench.netcomm_rank`` on every host. It measures every case of
+``bench.netcomm_rank`` on every host. It measures every case of
 ``netcomm_model.CASES`` (Distributed Lion's majority and average votes on every backend,
 Signum, AdamW with fp32 all-reduce, TernGrad and DGC on theirs) at every model size, with
 synthetic parameters and seeded gradients, so no compute but the optimizer's is timed.
@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlion.bench.comm import memory_shortfall
-from dlion.bench.netcomm_model import CASES, case_by_label, tensor_shapes
-from dlion.bench.netcomm_rank import RankSpec
-from dlion.bench.netcomm_report import (
+from bench.comm import memory_shortfall
+from bench.netcomm_model import CASES, case_by_label, tensor_shapes
+from bench.netcomm_rank import RankSpec
+from bench.netcomm_report import (
     Row,
     bytes_table,
     detail_table,
@@ -47,8 +47,8 @@ from dlion.bench.netcomm_report import (
     plot,
     time_table,
 )
-from dlion.launch.netcluster import HostJob, run_on_hosts
-from dlion.launch.netns import NetSpec, namespaces_unavailable
+from launch.cluster import HostJob, run_on_hosts
+from launch.netns import NetSpec, namespaces_unavailable
 
 RANK_OVERHEAD_MIB = 500  # interpreter, torch, numba, Gloo buffers
 BYTES_PER_PARAM = 36  # params, seeded grads, .grad, the largest state (DGC, AdamW); measured 35.6 at 100M
@@ -124,7 +124,7 @@ def run(cfg: NetBenchConfig) -> Outcome:
             spec.save(Path(tmp) / "spec.json")
             job = HostJob(
                 net=NetSpec(hosts=cfg.hosts, rate=rate, subnet=cfg.subnet), procs_per_host=1,
-                time_limit_s=cfg.time_limit_s, module="dlion.bench.netcomm_rank",
+                time_limit_s=cfg.time_limit_s, module="bench.netcomm_rank",
                 argv=(str(Path(tmp) / "spec.json"),),
             )  # fmt: skip
             result = run_on_hosts(job)
@@ -218,7 +218,7 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dlion.bench.netcomm",
+        prog="python -m bench.netcomm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     reason = namespaces_unavailable()
     if reason is not None:
-        print(f"dlion.bench.netcomm: cannot emulate hosts on this machine: {reason}", file=sys.stderr)
+        print(f"bench.netcomm: cannot emulate hosts on this machine: {reason}", file=sys.stderr)
         return 1
     t0 = time.monotonic()
     out = run(cfg)

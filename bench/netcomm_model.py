@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dlion.bench.comm_model import FP32, Bytes, Variant, expected_bytes, meta_bytes
+from bench.comm_model import FP32, Bytes, Variant, expected_bytes, meta_bytes
 
 BUCKET_NUMEL = 1 << 25  # DistributedLion's default, which the registry keeps
 WIDTH = 1023  # odd row length: no row fills whole bytes of sign or ternary codes

@@ -1,12 +1,12 @@
 """Convergence on real tasks: every optimizer, several worker counts and seeds, one table.
 
-    python -m dlion.bench.convergence [--small] [--tasks bytes,digits] [--workers 4,8]
+    python -m bench.convergence [--small] [--tasks bytes,digits] [--workers 4,8]
         [--seeds 0,1,2] [--optimizers ...] [--steps N] [--rate 1gbit] [--out DIR]
 
-Each run is a real ``dlion train`` job (or, with ``--rate``, ``dlion cluster`` on emulated
+Each run is a real ``dlion train`` job (or, with ``--rate``, ``python -m launch.cluster`` on emulated
 hosts, one worker per host, so wall time includes a shaped network), writing its report to
 ``DIR/runs/<task>/<optimizer>-w<N>-s<seed>/``. A run whose report already exists is not
-run again, so a long full run can be stopped and continued. The summary (dlion.bench.
+run again, so a long full run can be stopped and continued. The summary (bench.
 runs: table and plots per task) and the D-Lion paper's figure, final validation loss
 against bits per parameter per iteration, go to DIR; they cover every run under DIR, so
 plans run one after another into one DIR are summed up together.
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlion.bench import runs
-from dlion.bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
+from bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
+from dlion import report
 from dlion.train.config import TASKS
-from dlion.worker.registry import OPTIMIZER_NAMES
+from dlion.worker.catalogue import OPTIMIZER_NAMES, names
 
 # The distributed optimizers: `lion` is the single-process reference, not a baseline here.
-DEFAULT_OPTIMIZERS = tuple(o for o in OPTIMIZER_NAMES if o != "lion")
+DEFAULT_OPTIMIZERS = names(single_process=False)
 # How each task trains: steps, batch, evaluation, and per-optimizer learning rates where
 # the job's defaults (tuned on the byte-level model) do not fit.
 TASK_FLAGS: dict[str, list[str]] = {
@@ -86,7 +86,7 @@ class Plan:
 
 
 def command(plan: Plan, task: str, optimizer: str, workers: int, seed: int) -> list[str]:
-    """The `dlion train` (or `dlion cluster`) command of one run."""
+    """The `dlion train` (or `python -m launch.cluster`) command of one run."""
     flags = ["--task", task, "--optimizer", optimizer, "--seed", str(seed), "--steps", str(plan.steps)]
     flags += [*TASK_FLAGS[task], *backend_flags(optimizer)]
     lr = TASK_LR[task].get(optimizer)
@@ -191,7 +191,7 @@ def names(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dlion.bench.convergence",
+        prog="python -m bench.convergence",
         description="Every optimizer on the byte-level LM and the digits CNN: final validation loss "
         "(and accuracy), bits per parameter per step, wall time.",
     )
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (plan.out / "points.json").write_text(json.dumps(points, indent=1) + "\n")
     paper_figure(points, plan.out / "loss_vs_bits.png")
     for task in sorted({p["task"] for p in points}):  # per task: dlion report's table and curves
-        code = runs.main([str(plan.out / "runs" / task), "--out", str(plan.out / task)])
+        code = report.main([str(plan.out / "runs" / task), "--out", str(plan.out / task)])
         if code != 0:
             return code
     for pt in points:

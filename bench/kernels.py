@@ -1,6 +1,6 @@
 """Throughput of the Numba sign kernels against memcpy and NumPy baselines.
 
-Run ``python -m dlion.bench.kernels [--log2n 26] [--repeat 5] [--json PATH]``. Every timing is
+Run ``python -m bench.kernels [--log2n 26] [--repeat 5] [--json PATH]``. Every timing is
 the best of ``repeat`` calls after one warm-up call, so Numba's compile time is excluded.
 Memory-bound rows are judged against memcpy's bandwidth on the same machine: an operation
 that must touch B bytes can at best take B / (memcpy bytes per second).
@@ -198,7 +198,7 @@ def to_json(b: Bench, rows: Sequence[Row]) -> dict[str, object]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dlion.bench.kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     parser.add_argument("--log2n", type=int, default=26, help="elements = 2**log2n float32 (default 26)")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per row, best kept (default 5)")
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON here")

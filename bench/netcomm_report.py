@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlion.bench.netcomm_model import BASELINE, HEADLINE, case_by_label, expected
-from dlion.launch.netns import parse_rate
+from bench.netcomm_model import BASELINE, HEADLINE, case_by_label, expected
+from launch.netns import parse_rate
 
 
 @dataclass(frozen=True, kw_only=True)

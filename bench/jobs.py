@@ -1,4 +1,4 @@
-"""Training runs as benchmark jobs: each a `dlion train` (or `dlion cluster`) command whose
+"""Training runs as benchmark jobs: each a `dlion train` (or `python -m launch.cluster`) command whose
 report lands in a folder of its own. A job whose report exists is not run again, so a long
 benchmark can be stopped and continued where it was."""
 
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlion.train.config import VOTING_OPTIMIZERS
 from dlion.train.report import REPORT_FILE
+from dlion.worker.catalogue import voting
 
 JOB_TIMEOUT_S = 3600.0
 # The votes give the same parameters on every backend (tested bit for bit); the sharded one
@@ -32,18 +32,18 @@ class Job:
 
 
 def train_argv(flags: Sequence[str], *, workers: int, out: Path, rate: str | None = None) -> list[str]:
-    """`dlion train --workers N`, or with ``rate``, `dlion cluster` with one worker per
+    """`dlion train --workers N`, or with ``rate``, `python -m launch.cluster` with one worker per
     emulated host on links of that rate, so wall time includes a shaped network."""
     tail = [*flags, "--out", str(out)]
     if rate is None:
         return [sys.executable, "-m", "dlion", "train", "--workers", str(workers), *tail]
     hosts = ["--hosts", str(workers), "--procs-per-host", "1", "--rate", rate]
-    return [sys.executable, "-m", "dlion", "cluster", *hosts, *tail]
+    return [sys.executable, "-m", "launch.cluster", *hosts, *tail]
 
 
 def backend_flags(optimizer: str) -> list[str]:
     """The voting optimizers on VOTE_BACKEND; the others have no backend to choose."""
-    return ["--backend", VOTE_BACKEND] if optimizer in VOTING_OPTIMIZERS else []
+    return ["--backend", VOTE_BACKEND] if optimizer in voting() else []
 
 
 def check_names(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:

@@ -14,7 +14,7 @@ step is nearly free, so its time is the all-reduce's) and DistributedLion with e
   each after a barrier, of the slowest rank's time. Ranks share this machine's cores, so
   times at large N measure contention as much as the network.
 
-Run ``python -m dlion.bench.comm [--sizes 2 4 8 16] [--params 25000000] [--transports torch mpi]
+Run ``python -m bench.comm [--sizes 2 4 8 16] [--params 25000000] [--transports torch mpi]
 [--steps 3] [--out bench-results/comm]``, or ``--small`` (1M parameters, N = 2 and 4, MPI
 at N = 2 only) for CI. Writes comm.json, comm.md (the table) and comm_bytes.png.
 """
@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dlion.bench.comm_launch import LaunchError, find_mpiexec, launch
-from dlion.bench.comm_model import FP32, VARIANTS, Bytes, by_label
-from dlion.bench.comm_rank import BUCKET_NUMEL, LaunchSpec, tensor_numels
-from dlion.bench.comm_report import Row, launch_rows, plot, render
+from bench.comm_launch import LaunchError, find_mpiexec, launch
+from bench.comm_model import FP32, VARIANTS, Bytes, by_label
+from bench.comm_rank import BUCKET_NUMEL, LaunchSpec, tensor_numels
+from bench.comm_report import Row, launch_rows, plot, render
 
 TRANSPORTS = ("torch", "mpi")
 RANK_OVERHEAD_MIB = 450  # interpreter, torch, numba, Gloo/MPI buffers (measured: about 420)
@@ -185,7 +185,7 @@ def write_outputs(cfg: BenchConfig, out: Outcome, wall: float) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
-        prog="python -m dlion.bench.comm",
+        prog="python -m bench.comm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

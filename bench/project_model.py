@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from dlion.bench import comm_model as cm
-from dlion.bench.comm_model import WORD_BYTES, Bytes
-from dlion.bench.comm_rank import BUCKET_NUMEL, tensor_numels
+from bench import comm_model as cm
+from bench.comm_model import WORD_BYTES, Bytes
+from bench.comm_rank import BUCKET_NUMEL, tensor_numels
 from dlion.worker.config import Vote
 from dlion.worker.dgc_config import DGCConfig
 

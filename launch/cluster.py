@@ -1,8 +1,8 @@
 """An emulated multi-host cluster on one machine: H namespaces, each link shaped to a rate.
 
-    python -m dlion.launch.netcluster --hosts 4 --procs-per-host 1 --rate 1gbit [train flags]
+    python -m launch.cluster --hosts 4 --procs-per-host 1 --rate 1gbit [train flags]
 
-Each host (dlion.launch.netns) runs one torchrun agent with K workers (``python -m
+Each host (launch.netns) runs one torchrun agent with K workers (``python -m
 dlion.train``). The agents meet by torchrun's static rendezvous at host 0's address, with
 node rank = host index, so global rank h*K + l always runs on host h. The master port is
 fixed: every namespace has a port space of its own, and only this run's processes are in
@@ -16,7 +16,7 @@ the whole job is bounded by ``--time-limit-s``; the network is removed on every 
 (Ctrl-C and SIGTERM included; ``--cleanup`` removes what a SIGKILLed run left behind).
 
 ``run_on_hosts(HostJob(...))`` is the same machinery for another module on the hosts (the
-communication benchmark's ranks, ``dlion.bench.netcomm``): it returns the exit status and
+communication benchmark's ranks, ``bench.netcomm``): it returns the exit status and
 every host's counters, and leaves reports to the caller.
 """
 
@@ -38,8 +38,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dlion.launch.local import POLL_S, Interrupted, raise_interrupted, read_failure, stop_processes
-from dlion.launch.netns import (
+from dlion.run.local import POLL_S, Interrupted, raise_interrupted, read_failure, stop_processes
+from dlion.train.args import add_train_arguments, config_from_args
+from dlion.train.config import TrainConfig, check_float, check_int
+from dlion.train.dist import ERROR_FILE_ENV, INIT_METHOD_ENV
+from dlion.train.report import write_report
+from dlion.worker.catalogue import entry
+from launch.netns import (
     IFNAME,
     EmulatedNetwork,
     HostCounters,
@@ -49,11 +54,7 @@ from dlion.launch.netns import (
     pid_alive,
     remove_stale,
 )
-from dlion.launch.netreport import format_table, network_section
-from dlion.train.config import TrainConfig, add_train_arguments, check_float, check_int, config_from_args
-from dlion.train.dist import ERROR_FILE_ENV, INIT_METHOD_ENV
-from dlion.train.loop import LOCAL_OPTIMIZERS
-from dlion.train.report import write_report
+from launch.netreport import format_table, network_section
 
 _SCRATCH_PREFIX = "dlion-cluster-"  # + the launcher's pid: --cleanup knows a dead run's folder
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -69,7 +70,7 @@ class ClusterConfig:
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """The cluster's flags, then every training flag (``dlion.train.config``)."""
+    """The cluster's flags, then every training flag (``dlion.train.args``)."""
     a = parser.add_argument
     a("--hosts", type=int, default=4, help="emulated hosts, a network namespace each (default: %(default)s)")
     a("--procs-per-host", type=int, default=1, help="worker processes per host (default: %(default)s)")
@@ -96,11 +97,7 @@ def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
         raise ValueError(
             f"the emulated cluster runs torchrun: transport must be 'torch', got {train.transport!r}"
         )
-    if train.optimizer in LOCAL_OPTIMIZERS and net.hosts * k != 1:
-        raise ValueError(
-            f"optimizer {train.optimizer!r} is single-process, but hosts x procs_per_host = {net.hosts * k}; "
-            "use lion-global or dlion-mavo"
-        )
+    entry(train.optimizer).check_world_size(net.hosts * k, "hosts x procs_per_host =")
     if train.out is None:
         train = dataclasses.replace(train, out=f"runs/cluster-{train.optimizer}-h{net.hosts}x{k}")
     return ClusterConfig(net=net, procs_per_host=k, time_limit_s=float(args.time_limit_s), train=train)
@@ -115,10 +112,10 @@ def run_cluster(args: argparse.Namespace) -> int:
         return launch_cluster(cluster_config_from_args(args))
     reason = namespaces_unavailable()
     if reason is not None:
-        print(f"dlion cluster: cannot clean up: {reason}", file=sys.stderr)
+        print(f"launch.cluster: cannot clean up: {reason}", file=sys.stderr)
         return 1
     removed = remove_leftovers()
-    print(f"dlion cluster: removed {len(removed)} leftover(s)" + "".join(f"\n  {n}" for n in removed))
+    print(f"launch.cluster: removed {len(removed)} leftover(s)" + "".join(f"\n  {n}" for n in removed))
     return 0
 
 
@@ -144,7 +141,7 @@ def launch_cluster(cfg: ClusterConfig) -> int:
         return run.code
     path = Path(str(cfg.train.out), "report.json")
     if not path.exists() or path.stat().st_mtime < start_time:
-        print(f"dlion cluster: every host succeeded but rank 0 wrote no {path}", file=sys.stderr)
+        print(f"launch.cluster: every host succeeded but rank 0 wrote no {path}", file=sys.stderr)
         return 1
     report = json.loads(path.read_text())
     report["network"] = network_section(cfg.net, cfg.procs_per_host, run.counters, report, run.wall_s)
@@ -156,7 +153,7 @@ def launch_cluster(cfg: ClusterConfig) -> int:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HostJob:
     """What runs on the emulated hosts: on each, one torchrun agent of ``procs_per_host``
-    workers, each ``python -m <module> <argv>`` (``dlion cluster`` runs ``dlion.train``)."""
+    workers, each ``python -m <module> <argv>`` (the cluster job runs ``dlion.train``)."""
 
     net: NetSpec
     procs_per_host: int
@@ -189,7 +186,7 @@ def run_on_hosts(job: HostJob) -> HostsRun:
     """
     reason = namespaces_unavailable()
     if reason is not None:
-        print(f"dlion cluster: cannot emulate hosts on this machine: {reason}", file=sys.stderr)
+        print(f"launch.cluster: cannot emulate hosts on this machine: {reason}", file=sys.stderr)
         return HostsRun(1, [], 0.0)
     net = EmulatedNetwork(job.net)
     agents: list[subprocess.Popen[bytes]] = []
@@ -205,19 +202,19 @@ def run_on_hosts(job: HostJob) -> HostsRun:
             outcome = _supervise(agents, Path(tmp), job, started + job.time_limit_s)
             after = net.counters() if outcome is None else []
         except (KeyboardInterrupt, Interrupted) as e:
-            print(f"dlion cluster: interrupted ({e or 'SIGINT'}); stopping the hosts", file=sys.stderr)
+            print(f"launch.cluster: interrupted ({e or 'SIGINT'}); stopping the hosts", file=sys.stderr)
             return HostsRun(130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum, [], 0.0)
         except NetnsError as e:
-            print(f"dlion cluster: the emulated network failed: {e}", file=sys.stderr)
+            print(f"launch.cluster: the emulated network failed: {e}", file=sys.stderr)
             return HostsRun(1, [], 0.0)
         finally:
             with _handling(_STOP_SIGNALS, signal.SIG_IGN):  # a second Ctrl-C must not cut it short
                 stop_processes(agents)
                 problems = net.destroy() + [f"{n} survived removal" for n in net.leftovers()]
             for problem in problems:
-                print(f"dlion cluster: cleaning up: {problem}", file=sys.stderr)
+                print(f"launch.cluster: cleaning up: {problem}", file=sys.stderr)
     if outcome is not None:
-        print(f"dlion cluster: {outcome[0]}", file=sys.stderr, flush=True)
+        print(f"launch.cluster: {outcome[0]}", file=sys.stderr, flush=True)
         return HostsRun(outcome[1], [], time.monotonic() - started)
     delta = [a - b for a, b in zip(after, before, strict=True)]
     return HostsRun(0, delta, time.monotonic() - started)
@@ -306,7 +303,7 @@ def _handling(signals: tuple[signal.Signals, ...], handler: Any) -> Iterator[Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dlion.launch.netcluster",
+        prog="python -m launch.cluster",
         description="Train on H emulated hosts (network namespaces on a bridge, links shaped by tc tbf) and "
         "add each host's interface bytes beside the ledger's to OUT/report.json. Needs root.",
     )

@@ -1,0 +1,226 @@
+"""The one catalogue of optimizers: a row each, and what the job, the CLI, the launchers and
+the benchmarks ask about them.
+
+A row holds its builder, its defaults (lr and weight decay of the training job, betas of the
+library) and what it supports: backends, cautious weight decay, byzantine workers, whether
+it runs on one process only. Adding a baseline is adding a row; nothing else lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dlion.server import ServerLink
+from dlion.worker.byzantine import Byzantine
+from dlion.worker.config import BACKENDS
+from dlion.worker.dgc import build_dgc
+from dlion.worker.distributed_lion import DistributedLion
+from dlion.worker.global_opt import GlobalOptimizer
+from dlion.worker.lion import Lion
+from dlion.worker.terngrad import build_terngrad
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildArgs:
+    """What every builder receives besides the parameters."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    cautious_wd: bool = False  # rows with ``cautious`` only
+    seed: int = 0
+    process_group: Any = None  # a torch ProcessGroup, an mpi4py communicator, or a dlion Comm
+    backend: str = "allgather"  # where a vote or a gather runs; see each row's ``backends``
+    transport: str = "torch"  # torch.distributed or mpi (mpi4py)
+    server: ServerLink | None = None  # a dedicated parameter server (rows with ``votes``)
+    byzantine: Byzantine | None = None  # attacking ranks (rows with ``byzantine``)
+    timeout: timedelta | None = None  # bound on every collective wait (None: the process group's)
+
+
+Builder = Callable[[Iterable[Any], BuildArgs], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One optimizer. ``backends`` empty: it has no aggregation to place (a dense all-reduce,
+    or one process), and any backend setting is accepted and ignored."""
+
+    name: str
+    summary: str
+    build: Builder
+    lr: float  # the training job's default, from sweeps of the default job
+    weight_decay: float
+    betas: tuple[float, float] = (0.9, 0.99)  # when the caller gives none
+    backends: tuple[str, ...] = ()
+    votes: bool = False  # sends sign bits to a vote: a dedicated server process can serve it
+    cautious: bool = False
+    byzantine: bool = False
+    single_process: bool = False
+
+    def check(self, args: BuildArgs) -> None:
+        """Raise ValueError naming an option this optimizer does not have."""
+        if self.backends and args.backend not in self.backends:
+            raise ValueError(
+                f"optimizer {self.name!r} runs on backend {' or '.join(self.backends)}; got {args.backend!r}"
+            )
+        if args.server is not None and not self.votes:
+            raise ValueError(
+                f"a dedicated parameter server serves the voting optimizers ({', '.join(voting())}); "
+                f"got optimizer {self.name!r}"
+            )
+        if args.cautious_wd and not self.cautious:
+            having = ", ".join(names(cautious=True))
+            raise ValueError(f"cautious weight decay is an option of {having}; got optimizer {self.name!r}")
+        if args.byzantine is not None and args.byzantine.workers > 0 and not self.byzantine:
+            having = ", ".join(names(byzantine=True))
+            raise ValueError(f"byzantine workers are an option of {having}; got optimizer {self.name!r}")
+
+    def check_world_size(self, world_size: int, what: str = "a world size of") -> None:
+        """Refuse more than one rank for a single-process optimizer; ``what`` names the setting."""
+        if self.single_process and world_size != 1:
+            raise ValueError(
+                f"optimizer {self.name!r} is single-process and needs {what} 1, got {what} {world_size}; "
+                "use lion-global or dlion-mavo for several workers"
+            )
+
+    def make(self, params: Iterable[Any], args: BuildArgs) -> torch.optim.Optimizer:
+        self.check(args)
+        if self.single_process and dist.is_available() and dist.is_initialized():
+            self.check_world_size(dist.get_world_size(args.process_group))
+        return self.build(params, args)
+
+
+def _lion(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+    return Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, cautious_wd=a.cautious_wd)
+
+
+def _dlion(vote: str) -> Builder:
+    def build(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+        return DistributedLion(
+            params,
+            lr=a.lr,
+            betas=a.betas,
+            weight_decay=a.weight_decay,
+            vote=vote,  # type: ignore[arg-type]
+            process_group=a.process_group,
+            seed=a.seed,
+            backend=a.backend,
+            transport=a.transport,
+            server=a.server,
+            cautious_wd=a.cautious_wd,
+            byzantine=a.byzantine,
+            timeout=a.timeout,
+        )
+
+    return build
+
+
+def _signum(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+    """Signum with majority vote (Bernstein et al., ICLR 2019, Algorithm 1).
+
+    Each worker keeps v <- b*v + (1-b)*g and sends sign(v); the server votes and every
+    worker applies x <- x - lr*(sign(sum of signs) + wd*x). That is Distributed Lion with
+    beta1 = beta2 = b: Lion's sent direction b1*m + (1-b1)*g is then Signum's new v, so the
+    same kernels, backends and ledger serve it (b = betas[0]).
+    """
+    b = a.betas[0]
+    return _dlion("majority")(params, replace(a, betas=(b, b)))
+
+
+def _gathering(build: Callable[..., torch.optim.Optimizer]) -> Builder:
+    def make(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+        return build(
+            params,
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            betas=a.betas,
+            process_group=a.process_group,
+            seed=a.seed,
+            backend=a.backend,
+            transport=a.transport,
+            timeout=a.timeout,
+        )
+
+    return make
+
+
+def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
+    def build(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+        inner = make_inner(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
+        comm = {"transport": a.transport, "timeout": a.timeout}
+        return GlobalOptimizer(inner, a.process_group, byzantine=a.byzantine, seed=a.seed, **comm)
+
+    return build
+
+
+# Job defaults, from sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best
+# at 3e-4..1e-3 after 200 steps and at 5e-4 after 400; adamw-global over 1e-3..1e-2 at 1e-3..3e-3;
+# terngrad and dgc (momentum SGD) over 0.05, 0.15, 0.5 after 150 steps: 0.05 for both. Sign
+# updates move every coordinate by lr, so Lion wants a smaller lr than AdamW and a larger weight
+# decay to keep lr * weight_decay comparable.
+_LION = {"lr": 5e-4, "weight_decay": 0.3}
+_VOTE = {"backends": BACKENDS, "votes": True, "cautious": True, "byzantine": True}
+_GATHER = {"lr": 0.05, "weight_decay": 1e-4, "backends": ("allgather", "server")}
+
+CATALOGUE: dict[str, Entry] = {
+    e.name: e
+    for e in (
+        Entry(name="lion", summary="Lion on one process (the reference)", build=_lion,
+              cautious=True, single_process=True, **_LION),
+        Entry(name="dlion-mavo", summary="Distributed Lion, majority vote", build=_dlion("majority"),
+              **_LION, **_VOTE),
+        Entry(name="dlion-avg", summary="Distributed Lion, averaged signs", build=_dlion("average"),
+              **_LION, **_VOTE),
+        Entry(name="signum-mavo", summary="Signum with majority vote (signSGD)", build=_signum,
+              **_LION, **_VOTE),
+        Entry(name="terngrad", summary="TernGrad: 2-bit stochastic gradients, SGD with momentum",
+              build=_gathering(build_terngrad), **_GATHER),
+        Entry(name="dgc", summary="Deep Gradient Compression: top 0.1%, momentum SGD",
+              build=_gathering(build_dgc), **_GATHER),
+        Entry(name="adamw-global", summary="AdamW on fp32 all-reduced gradients",
+              build=_global(torch.optim.AdamW), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.999),
+              byzantine=True),
+        Entry(name="lion-global", summary="Lion on fp32 all-reduced gradients", build=_global(Lion),
+              byzantine=True, **_LION),
+    )
+}  # fmt: skip
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(CATALOGUE)
+
+
+def entry(name: str) -> Entry:
+    if name not in CATALOGUE:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    return CATALOGUE[name]
+
+
+def names(**having: bool) -> tuple[str, ...]:
+    """The optimizers whose rows have these flags, e.g. names(byzantine=True)."""
+    return tuple(e.name for e in CATALOGUE.values() if all(getattr(e, k) == v for k, v in having.items()))
+
+
+def voting() -> tuple[str, ...]:
+    return names(votes=True)
+
+
+def default_workers(name: str, workers: int | None, default: int) -> int:
+    """The worker count a launcher uses: the one given, else 1 for a single-process optimizer."""
+    if workers is None:
+        return 1 if entry(name).single_process else default
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    return workers
+
+
+def build_optimizer(
+    name: str, params: Iterable[Any], *, betas: tuple[float, float] | None = None, **kwargs: Any
+) -> torch.optim.Optimizer:
+    """The optimizer called ``name``; every one has ``.ledger``. ``kwargs`` are BuildArgs
+    fields; lr and weight_decay are required, betas default to the row's."""
+    e = entry(name)
+    return e.make(params, BuildArgs(betas=e.betas if betas is None else betas, **kwargs))
