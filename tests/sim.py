@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dlion.compress.buckets import plan_buckets
 from dlion.kernels import coin_bytes_ref, lion_sign_step_ref
 from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key
-from dlion.worker.buckets import plan_buckets
 from dlion.worker.byzantine import attack_key
 
 

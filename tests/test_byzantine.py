@@ -132,7 +132,7 @@ def _global_runs(rank: int, world: int, negate_last: bool, byzantine: Byzantine 
             g = np.zeros(p.shape, np.float32) if g is None else g
             p.grad = torch.from_numpy(-g if negate_last and rank == world - 1 else g.copy())
         opt.step()
-        assert opt.state_dict()["dlion_global_steps"] == step + 1
+        assert opt.state_dict()["global"]["steps_taken"] == step + 1
     return [p.detach().clone() for p in params]
 
 

@@ -158,7 +158,7 @@ def test_ties_and_zero_rule_differ_as_documented() -> None:
 def test_ledger_matches_cost_model() -> None:
     world = 3
     results = run_ok(_run_cases, world, cases=[("majority", "random", "allgather")])
-    from dlion.worker.buckets import plan_buckets
+    from dlion.compress.buckets import plan_buckets
 
     buckets = plan_buckets([int(np.prod(s)) for s in SHAPES], BUCKET_NUMEL)
     payload = sum(int(np.prod(s)) for s in SHAPES)
@@ -184,7 +184,7 @@ def test_ledger_matches_cost_model() -> None:
     [(4, "majority", "random", 1), (3, "average", "random", 2), (4, "majority", "zero", 2)],
 )
 def test_sharded_ledger_matches_cost_model(world: int, vote: str, tie: str, planes: int) -> None:
-    from dlion.worker.buckets import plan_buckets
+    from dlion.compress.buckets import plan_buckets
 
     results = run_ok(_run_cases, world, cases=[(vote, tie, "sharded")])
     buckets = plan_buckets([int(np.prod(s)) for s in SHAPES], BUCKET_NUMEL, 16 * world)
@@ -202,7 +202,7 @@ def test_sharded_ledger_matches_cost_model(world: int, vote: str, tie: str, plan
 
 
 def test_server_ledger_matches_cost_model() -> None:
-    from dlion.worker.buckets import plan_buckets
+    from dlion.compress.buckets import plan_buckets
 
     world = 3
     results = run_ok(_run_cases, world, cases=[("average", "random", "server")])

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from dlion.report.plots import curve
 from dlion.report.cli import main
+from dlion.report.plots import curve
 from dlion.report.runs import ReportError, group_runs, load_runs
 from dlion.report.table import markdown_table, summarize
 

@@ -56,7 +56,7 @@ def test_dedicated_server_matches_simulation(workers: int) -> None:
 
 
 def test_dedicated_server_ledger_matches_cost_model() -> None:
-    from dlion.worker.buckets import plan_buckets
+    from dlion.compress.buckets import plan_buckets
 
     workers = 3
     results = run_ok(run_dedicated, workers + 1, cases=[("average", "random")])

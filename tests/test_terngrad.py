@@ -23,7 +23,7 @@ from dlion.kernels import ternary as K
 from dlion.kernels import ternary_ref as R
 from dlion.ledger import Traffic
 from dlion.wire import derive_key
-from dlion.worker.distributed_lion import NonFiniteGradientError
+from dlion.worker.checks import NonFiniteGradientError
 from dlion.worker.terngrad import TernGrad, TernGradConfig, build_terngrad
 
 SHAPES = [(7,), (3, 5), (33,), (1,), (4, 4, 3), (130,)]

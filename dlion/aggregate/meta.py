@@ -18,7 +18,7 @@ import torch
 
 from dlion import version
 from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
-from dlion.transport import TorchComm
+from dlion.transport import Comm
 
 FINGERPRINT_FIELDS = ("format+version", "tensors", "elements", "shapes+dtypes", "config")
 _FORMAT = 1  # bump when the wire format changes
@@ -28,9 +28,7 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def check_fingerprint(
-    comm: TorchComm, params: Sequence[torch.Tensor], config_text: str, ledger: Ledger
-) -> None:
+def check_fingerprint(comm: Comm, params: Sequence[torch.Tensor], config_text: str, ledger: Ledger) -> None:
     """Raise ValueError on every rank if any rank's parameters or config differ."""
     shapes = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
     # Ranks on another dlion release may round or lay out bits differently: refuse them too.
@@ -62,9 +60,7 @@ class StepMeta:
     bad_index: int  # that rank's first non-finite tensor, or -1
 
 
-def exchange_step_meta(
-    comm: TorchComm, local_present: np.ndarray, local_bad: int, ledger: Ledger
-) -> StepMeta:
+def exchange_step_meta(comm: Comm, local_present: np.ndarray, local_bad: int, ledger: Ledger) -> StepMeta:
     """all_gather of [bad index: int32][presence bits] (4 + ceil(T/8) bytes per rank)."""
     bits = np.packbits(local_present)
     send = np.empty(4 + bits.size, np.uint8)

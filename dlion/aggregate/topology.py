@@ -18,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from dlion.compress.buckets import Bucket
 from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
-from dlion.transport import TorchComm
+from dlion.transport import Comm
 from dlion.wire import WORD_BYTES
 
 Combine = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -39,6 +41,11 @@ class BucketWire:
         lo, hi = 8 * lo_byte, 8 * hi_byte
         return sum(max(0, min(hi, b) - max(lo, a)) for a, b in self.payload_ranges)
 
+    @staticmethod
+    def of(name: str, bucket: Bucket) -> BucketWire:
+        ranges = tuple((8 * s.byte_offset, 8 * s.byte_offset + s.numel) for s in bucket.slots)
+        return BucketWire(name, bucket.nbytes, ranges)
+
     def traffic(self, lo_byte: int, hi_byte: int, planes: int = 1) -> Traffic:
         payload = self.payload_bits_in(lo_byte, hi_byte)
         return Traffic(payload=planes * payload, padding=planes * (8 * (hi_byte - lo_byte) - payload))
@@ -50,7 +57,7 @@ def align_bytes(topology: str, world_size: int) -> int:
 
 
 def allgather_vote(
-    comm: TorchComm, send: torch.Tensor, wire: BucketWire, combine: Combine, ledger: Ledger
+    comm: Comm, send: torch.Tensor, wire: BucketWire, combine: Combine, ledger: Ledger
 ) -> tuple[torch.Tensor, torch.Tensor]:
     gathered = comm.all_gather(send, f"{wire.name} all_gather").to(send.device)
     sent, received = all_gather_traffic(wire.traffic(0, wire.nbytes), comm.world_size)
@@ -59,7 +66,7 @@ def allgather_vote(
 
 
 def sharded_vote(
-    comm: TorchComm, send: torch.Tensor, wire: BucketWire, combine: Combine, ledger: Ledger
+    comm: Comm, send: torch.Tensor, wire: BucketWire, combine: Combine, ledger: Ledger
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, me = comm.world_size, comm.rank
     s = wire.nbytes // n
@@ -83,7 +90,7 @@ def sharded_vote(
 
 
 def server_vote(
-    comm: TorchComm,
+    comm: Comm,
     send: torch.Tensor,
     wire: BucketWire,
     combine: Combine,
@@ -132,4 +139,22 @@ def _sum(parts: object) -> Traffic:
 TOPOLOGIES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "allgather": allgather_vote,
     "sharded": sharded_vote,
-}  # "server" needs the result layout too: see server_vote
+}
+
+
+def vote_bits(
+    backend: str,
+    comm: Comm,
+    send: torch.Tensor,
+    wire: BucketWire,
+    combine: Combine,
+    ledger: Ledger,
+    result: tuple[int, np.ndarray],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exchange a bucket's sign bits and vote them, by ``backend``. ``result`` = (planes,
+    table) of the combined result, which every rank knows before any byte arrives."""
+    if backend != "server":
+        return TOPOLOGIES[backend](comm, send, wire, combine, ledger)
+    planes, table = result
+    table_t = torch.from_numpy(table).to(send.device)
+    return server_vote(comm, send, wire, combine, ledger, result_planes=planes, table=table_t)

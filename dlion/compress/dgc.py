@@ -279,6 +279,13 @@ def decode_sum(layout: WireLayout, messages: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def place_dense(layout: WireLayout, avg: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Write the dense tensors' averaged gradients (fp32[D], in dense order) into ``avg``."""
+    for off, base, numel in layout.dense_ranges():
+        avg[base : base + numel] = dense[off : off + numel]
+    return avg
+
+
 def message_traffic(layout: WireLayout, valid: int) -> Traffic:
     """Bits of one message holding ``valid`` entries: values and dense gradients are payload."""
     payload = layout.value_bits * valid + 32 * layout.dense_numel * layout.dense_in_message

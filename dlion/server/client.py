@@ -50,6 +50,9 @@ def split_server(*, transport: str = "torch", timeout: timedelta | None = None) 
     if transport == "mpi":
         from mpi4py import MPI
 
+        from dlion.transport.mpi_comm import MpiComm
+
+        assert isinstance(comm, MpiComm)
         workers = comm.comm.Split(MPI.UNDEFINED if is_server else 0, comm.rank)
         workers = None if is_server else workers
     else:

@@ -16,11 +16,14 @@ A header that is not dlion's, or of another format, is refused by name (``header
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dlion.aggregate.topology import BucketWire
+from dlion.compress.sign import result_layout
 from dlion.ledger import Traffic
 
 MAGIC = 0x644C696F6E5053  # "dLionPS"
@@ -41,6 +44,13 @@ class Hello:
     seed: int
     result_planes: int
     buckets: tuple[tuple[int, int], ...]  # (bytes, payload bits) per bucket
+
+    @staticmethod
+    def of(n_workers: int, vote: str, tie: str, seed: int, wires: Sequence[BucketWire]) -> Hello:
+        """A worker's hello for its buckets; the reply's planes follow from vote, tie and N."""
+        planes, _ = result_layout(vote=vote, tie=tie, n_workers=n_workers)
+        layout = tuple((w.nbytes, w.payload_bits_in(0, w.nbytes)) for w in wires)
+        return Hello(n_workers, vote, tie, seed, planes, layout)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         header = [MAGIC, FORMAT, self.n_workers, VOTE_CODES[self.vote], TIE_CODES[self.tie]]

@@ -16,7 +16,7 @@ from typing import Any
 from dlion.transport import TRANSPORTS
 from dlion.worker.byzantine import ATTACKS, Byzantine
 from dlion.worker.catalogue import OPTIMIZER_NAMES, BuildArgs, entry
-from dlion.worker.config import BACKENDS
+from dlion.worker.config import BACKENDS, one_of
 
 TASKS: tuple[str, ...] = ("bytes", "digits")
 SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
@@ -45,7 +45,7 @@ class ModelSection:
     """corpus size cap in bytes"""
 
     def _check_model(self) -> None:
-        _one_of("task", self.task, TASKS)
+        one_of("task", self.task, TASKS)
         for name in ("context", "d_model", "layers", "heads"):
             check_int(name, getattr(self, name), low=1)
         check_int("data_bytes", self.data_bytes, low=1024)
@@ -76,7 +76,7 @@ class OptimizerSection:
     """final lr / peak lr"""
 
     def _check_optimizer(self) -> None:
-        _one_of("optimizer", self.optimizer, OPTIMIZER_NAMES)
+        one_of("optimizer", self.optimizer, OPTIMIZER_NAMES)
         row = entry(self.optimizer)
         if self.lr is None:
             object.__setattr__(self, "lr", row.lr)
@@ -110,9 +110,9 @@ class CommSection:
     """bound on every collective wait, in seconds"""
 
     def _check_comm(self) -> None:
-        _one_of("backend", self.backend, BACKENDS)
-        _one_of("server", self.server, SERVER_PLACEMENTS)
-        _one_of("transport", self.transport, TRANSPORTS)
+        one_of("backend", self.backend, BACKENDS)
+        one_of("server", self.server, SERVER_PLACEMENTS)
+        one_of("transport", self.transport, TRANSPORTS)
         Byzantine(workers=self.byzantine, attack=self.attack)  # raises naming a bad value
         check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
 
@@ -196,11 +196,6 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def check_int(name: str, value: object, *, low: int) -> None:

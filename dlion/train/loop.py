@@ -68,15 +68,6 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Any:
     return factor
 
 
-def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
-    # Wrapping optimizers (global all-reduce, local Lion) keep their torch optimizer in
-    # .inner; an LR scheduler has to drive that one's param groups.
-    for candidate in (opt, getattr(opt, "inner", None)):
-        if isinstance(candidate, torch.optim.Optimizer):
-            return candidate
-    raise TypeError(f"{type(opt).__name__} is not a torch.optim.Optimizer and wraps none in .inner")
-
-
 def _fault_due(rank: int, step: int) -> bool:
     if os.environ.get(FAULT_RANK_ENV) != str(rank) or os.environ.get(FAULT_STEP_ENV, "0") != str(step):
         return False
@@ -122,6 +113,7 @@ def train(
             return None
         # From here on the job is the workers: the server takes no part in the report.
         workers = make_comm(roles.workers, timedelta(seconds=cfg.timeout_s), cfg.transport)
+        assert workers is not None  # a job with a dedicated server has a process group
         ctx = replace(ctx, world_size=workers.world_size, comm=workers)
         link, group = roles.link, roles.workers
     task = build_task(cfg, rank=ctx.rank, device=ctx.device)
@@ -134,7 +126,8 @@ def train(
     )
     opt: Any = entry(cfg.optimizer).make(list(model.named_parameters()), args)
     opt.ledger.keep_records = LEDGER_RECORDS  # totals cover every step; records, the last few
-    sched = LambdaLR(_torch_optimizer(opt), warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    assert cfg.warmup_steps is not None  # resolved when the config was built
+    sched = LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     is_main = ctx.rank == 0
     rec = RunRecord(
         config=cfg.as_dict(),

@@ -16,10 +16,12 @@ reproduce bit for bit like honest ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from dlion.compress.buckets import Slot
 from dlion.kernels import coin_bytes
 from dlion.wire import BYZANTINE_STREAM, derive_key
 
@@ -72,6 +74,23 @@ def corrupt_signs(bits: torch.Tensor, numel: int, attack: str, key: int) -> None
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}; got {attack!r}")
     if numel % 8:
         payload[-1:].bitwise_and_(0xFF << (8 - numel % 8) & 0xFF)
+
+
+def corrupt_bucket(
+    send: torch.Tensor,
+    slots: Sequence[Slot],
+    live: Sequence[bool],
+    attack: str,
+    *,
+    seed: int,
+    step: int,
+    rank: int,
+) -> None:
+    """``corrupt_signs`` on every live tensor of a bucket's send buffer."""
+    for s, on in zip(slots, live, strict=True):
+        if on:
+            bits = send[s.byte_offset : s.byte_offset + s.nbytes]
+            corrupt_signs(bits, s.numel, attack, attack_key(seed, step, rank, s.index))
 
 
 def corrupt_grad(grad: torch.Tensor, attack: str, key: int) -> None:

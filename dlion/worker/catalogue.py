@@ -110,8 +110,8 @@ def _dlion(vote: str) -> Builder:
             vote=vote,  # type: ignore[arg-type]
             process_group=a.process_group,
             seed=a.seed,
-            backend=a.backend,
-            transport=a.transport,
+            backend=a.backend,  # type: ignore[arg-type]
+            transport=a.transport,  # type: ignore[arg-type]
             server=a.server,
             cautious_wd=a.cautious_wd,
             byzantine=a.byzantine,
@@ -153,8 +153,14 @@ def _gathering(build: Callable[..., torch.optim.Optimizer]) -> Builder:
 def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
     def build(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
         inner = make_inner(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
-        comm = {"transport": a.transport, "timeout": a.timeout}
-        return GlobalOptimizer(inner, a.process_group, byzantine=a.byzantine, seed=a.seed, **comm)
+        return GlobalOptimizer(
+            inner,
+            a.process_group,
+            transport=a.transport,
+            byzantine=a.byzantine,
+            seed=a.seed,
+            timeout=a.timeout,
+        )
 
     return build
 
@@ -164,30 +170,32 @@ def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
 # terngrad and dgc (momentum SGD) over 0.05, 0.15, 0.5 after 150 steps: 0.05 for both. Sign
 # updates move every coordinate by lr, so Lion wants a smaller lr than AdamW and a larger weight
 # decay to keep lr * weight_decay comparable.
-_LION = {"lr": 5e-4, "weight_decay": 0.3}
-_VOTE = {"backends": BACKENDS, "votes": True, "cautious": True, "byzantine": True}
-_GATHER = {"lr": 0.05, "weight_decay": 1e-4, "backends": ("allgather", "server")}
+_LION_LR, _LION_WD = 5e-4, 0.3
+_GATHERING = ("allgather", "server")
 
 CATALOGUE: dict[str, Entry] = {
     e.name: e
     for e in (
         Entry(name="lion", summary="Lion on one process (the reference)", build=_lion,
-              cautious=True, single_process=True, **_LION),
+              lr=_LION_LR, weight_decay=_LION_WD, cautious=True, single_process=True),
         Entry(name="dlion-mavo", summary="Distributed Lion, majority vote", build=_dlion("majority"),
-              **_LION, **_VOTE),
+              lr=_LION_LR, weight_decay=_LION_WD, backends=BACKENDS, votes=True, cautious=True,
+              byzantine=True),
         Entry(name="dlion-avg", summary="Distributed Lion, averaged signs", build=_dlion("average"),
-              **_LION, **_VOTE),
+              lr=_LION_LR, weight_decay=_LION_WD, backends=BACKENDS, votes=True, cautious=True,
+              byzantine=True),
         Entry(name="signum-mavo", summary="Signum with majority vote (signSGD)", build=_signum,
-              **_LION, **_VOTE),
+              lr=_LION_LR, weight_decay=_LION_WD, backends=BACKENDS, votes=True, cautious=True,
+              byzantine=True),
         Entry(name="terngrad", summary="TernGrad: 2-bit stochastic gradients, SGD with momentum",
-              build=_gathering(build_terngrad), **_GATHER),
+              build=_gathering(build_terngrad), lr=0.05, weight_decay=1e-4, backends=_GATHERING),
         Entry(name="dgc", summary="Deep Gradient Compression: top 0.1%, momentum SGD",
-              build=_gathering(build_dgc), **_GATHER),
+              build=_gathering(build_dgc), lr=0.05, weight_decay=1e-4, backends=_GATHERING),
         Entry(name="adamw-global", summary="AdamW on fp32 all-reduced gradients",
               build=_global(torch.optim.AdamW), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.999),
               byzantine=True),
         Entry(name="lion-global", summary="Lion on fp32 all-reduced gradients", build=_global(Lion),
-              byzantine=True, **_LION),
+              lr=_LION_LR, weight_decay=_LION_WD, byzantine=True),
     )
 }  # fmt: skip
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(CATALOGUE)

@@ -1,4 +1,5 @@
-"""Typed, validated configuration for the dlion optimizers."""
+"""Typed, validated configuration for the dlion optimizers: what every communicating
+optimizer shares (``CommConfig``), and DistributedLion's own."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
+from dlion.transport import TRANSPORTS
 from dlion.worker.byzantine import Byzantine
 
 Vote = Literal["majority", "average"]
@@ -19,7 +21,6 @@ VOTES: tuple[str, ...] = ("majority", "average")
 TIES: tuple[str, ...] = ("random", "zero")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
 BACKENDS: tuple[str, ...] = ("allgather", "sharded", "server")
-TRANSPORTS: tuple[str, ...] = ("torch", "mpi")
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -41,17 +42,46 @@ def check_lion_hyperparameters(*, lr: float, betas: tuple[float, float], weight_
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
-def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommConfig:
+    """What every communicating optimizer's config has; the ranks must agree on all but
+    the timeout.
+
+    transport: "torch" (torch.distributed: Gloo for CPU tensors, NCCL for CUDA) or "mpi"
+               (mpi4py on NumPy buffers, COMM_WORLD; CPU tensors).
+    nonfinite: what a NaN/Inf gradient on any rank does: "raise" on every rank, or "skip"
+               the whole step on every rank (parameters and state untouched).
+    seed:      run seed of every random draw (coins, samples); must match across ranks.
+    timeout:   bound on every collective wait (None: the process group's timeout).
+    """
+
+    transport: Transport = "torch"
+    nonfinite: NonFinite = "raise"
+    seed: int = 0
+    timeout: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        one_of("transport", self.transport, TRANSPORTS)
+        one_of("nonfinite", self.nonfinite, NONFINITE)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.timeout is not None and self.timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout!r}")
 
 
 OVERLAP_BACKENDS = ("allgather", "sharded")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistributedLionConfig:
+class DistributedLionConfig(CommConfig):
     """How DistributedLion communicates; per-group lr/betas/weight_decay live in param groups.
+    transport, nonfinite, seed and timeout: as in CommConfig (seed keys the tie and
+    zero-sign coins).
 
     vote:         "majority" (MaVo, 1-bit result) or "average" (counts of positive votes).
     backend:      "allgather": every rank gathers all ranks' bits and votes locally,
@@ -66,14 +96,8 @@ class DistributedLionConfig:
                   ranks, keeps the result at 1 bit per parameter. "zero": no update on a
                   tie, exactly sign(0) = 0; free with backend="allgather" (every rank votes
                   locally), 2 bits per parameter on any backend that sends the result down.
-    transport:    "torch" (torch.distributed: Gloo for CPU tensors, NCCL for CUDA) or
-                  "mpi" (mpi4py on NumPy buffers, COMM_WORLD; CPU tensors).
-    nonfinite:    what a NaN/Inf gradient on any rank does: "raise" on every rank, or
-                  "skip" the whole step on every rank (parameters and momentum untouched).
-    seed:         run seed for the tie and zero-sign coins; must match across ranks.
     bucket_numel: parameters per flat bucket (one collective per bucket).
     force_comm:   communicate even with a world size of 1 (tests, benchmarks).
-    timeout:      bound on every collective wait (None: the process group's timeout).
     cautious_wd:  cautious weight decay (Chen, Li, Liang et al., 2025): decay only where the
                   voted update and the parameter do not have opposite signs. Both are the
                   same on every rank, so ranks stay bit-identical.
@@ -87,24 +111,17 @@ class DistributedLionConfig:
     vote: Vote = "majority"
     tie: Tie = "random"
     backend: Backend = "allgather"
-    transport: Transport = "torch"
-    nonfinite: NonFinite = "raise"
-    seed: int = 0
     bucket_numel: int = 1 << 25
     force_comm: bool = False
-    timeout: timedelta | None = None
     cautious_wd: bool = False
     byzantine: Byzantine | None = None
     overlap: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("vote", self.vote, VOTES)
-        _one_of("tie", self.tie, TIES)
-        _one_of("backend", self.backend, BACKENDS)
-        _one_of("transport", self.transport, TRANSPORTS)
-        _one_of("nonfinite", self.nonfinite, NONFINITE)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        one_of("vote", self.vote, VOTES)
+        one_of("tie", self.tie, TIES)
+        one_of("backend", self.backend, BACKENDS)
+        super().__post_init__()
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int):
             raise ValueError(f"bucket_numel must be an int, got {self.bucket_numel!r}")
         if self.bucket_numel < 128:
@@ -120,5 +137,3 @@ class DistributedLionConfig:
                 f"overlap=True needs backend 'allgather' or 'sharded' with transport 'torch', "
                 f"got backend={self.backend!r}, transport={self.transport!r}"
             )
-        if self.timeout is not None and self.timeout.total_seconds() <= 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout!r}")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Literal
 
 from dlion.compress import dgc as codec
-from dlion.worker.config import NONFINITE, TRANSPORTS, NonFinite, Transport
+from dlion.worker.config import CommConfig
 
 DGCBackend = Literal["allgather", "server"]
 ValueDtype = Literal["float32", "float16"]
@@ -29,7 +28,7 @@ def is_number(value: object) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DGCConfig:
+class DGCConfig(CommConfig):
     """How DGC compresses and communicates; lr and weight decay live in the param groups.
 
     momentum:        SGD momentum m, also the factor of the momentum correction.
@@ -49,8 +48,8 @@ class DGCConfig:
     backend:         "allgather": every rank gathers every message and decodes it; dense
                      tensors are all-reduced. "server": rank 0 gathers every message (dense
                      tensors included), decodes it and broadcasts the dense fp32 average.
-    transport, nonfinite, seed, timeout: as in DistributedLionConfig; ``seed`` keys the
-                     sample offsets (derive_key(seed, stream, step, rank, tensor)).
+    transport, nonfinite, seed, timeout: as in CommConfig; ``seed`` keys the sample
+                     offsets (derive_key(seed, SAMPLE_STREAM, step, rank, tensor)).
     """
 
     momentum: float = 0.9
@@ -63,10 +62,6 @@ class DGCConfig:
     value_dtype: ValueDtype = "float32"
     min_numel: int = 0
     backend: DGCBackend = "allgather"
-    transport: Transport = "torch"
-    nonfinite: NonFinite = "raise"
-    seed: int = 0
-    timeout: timedelta | None = None
 
     def __post_init__(self) -> None:
         m, s, r, c = self.momentum, self.sparsity, self.sample_ratio, self.clip_norm
@@ -74,17 +69,11 @@ class DGCConfig:
         check_value("sparsity", s, is_number(s) and 0 <= s < 1, "a number in [0, 1)")
         check_value("sample_ratio", r, is_number(r) and 0 < r <= 1, "a number in (0, 1]")
         check_value("clip_norm", c, c is None or (is_number(c) and c > 0), "None or a number > 0")
-        for name in ("warmup_steps", "warmup_stages", "min_numel", "seed"):
+        for name in ("warmup_steps", "warmup_stages", "min_numel"):
             v = getattr(self, name)
             check_value(name, v, isinstance(v, int) and v >= 0, "an int >= 0")
-        for name, allowed in (
-            ("value_dtype", tuple(codec.VALUE_DTYPES)),
-            ("backend", DGC_BACKENDS),
-            ("transport", TRANSPORTS),
-            ("nonfinite", NONFINITE),
-        ):
+        for name, allowed in (("value_dtype", tuple(codec.VALUE_DTYPES)), ("backend", DGC_BACKENDS)):
             check_value(name, getattr(self, name), getattr(self, name) in allowed, f"one of {allowed}")
         if not isinstance(self.momentum_masking, bool):
             raise ValueError(f"momentum_masking must be a bool, got {self.momentum_masking!r}")
-        if self.timeout is not None and self.timeout.total_seconds() <= 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout!r}")
+        super().__post_init__()

@@ -51,6 +51,17 @@ def lion_update(
     exp_avg.mul_(beta2).add_(grad * (1.0 - beta2))
 
 
+def lion_group_update(
+    items: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]], cautious: bool
+) -> None:
+    """``lion_update`` of each (param, grad, exp_avg, param group), with the group's lr,
+    betas and weight decay."""
+    for p, g, m, group in items:
+        b1, b2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        lion_update(p, g, m, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, cautious=cautious)
+
+
 class Lion(torch.optim.Optimizer):
     """Lion on one process: ``p <- p - lr*(sign(b1*m + (1-b1)*g) + wd*p)``.
 
@@ -76,24 +87,11 @@ class Lion(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = run_closure(closure)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                lion_update(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=group["weight_decay"],
-                    cautious=self.cautious_wd,
-                )
+        live = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p, _ in live):
+            raise RuntimeError("Lion does not support sparse gradients")
+        for p, _ in live:
+            if not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+        lion_group_update(((p, p.grad, self.state[p]["exp_avg"], g) for p, g in live), self.cautious_wd)
         return loss

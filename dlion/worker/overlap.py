@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dlion.worker.bucket_phases import Voted
+from dlion.worker.runners import Voted
 
 
 class Overlap:

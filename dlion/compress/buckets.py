@@ -3,7 +3,7 @@
 Each parameter starts on a byte boundary of its bucket (at most 7 bits of padding per
 tensor, none for sizes divisible by 8), so the sign kernel of one parameter writes whole
 bytes of the shared buffer without read-modify-write. Each bucket is padded to a whole
-number of 16-byte words (DESIGN.md); per-rank shards for later backends split on those.
+number of 16-byte words (dlion.wire); per-rank shards of the sharded backend split on those.
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ class Bucket:
     @property
     def payload_bits(self) -> int:
         return sum(s.numel for s in self.slots)
-
-    @property
-    def padding_bits(self) -> int:
-        return 8 * self.nbytes - self.payload_bits
 
 
 def plan_buckets(numels: list[int], bucket_numel: int, align_bytes: int = WORD_BYTES) -> list[Bucket]:

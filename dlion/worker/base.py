@@ -1,0 +1,261 @@
+"""The skeleton every communicating optimizer fills: check, agree, then per bucket encode,
+exchange, combine, apply.
+
+DistributedLion, TernGrad, DGC and the fp32 all-reduce baseline are each one subclass in one
+file, holding only their own math and wire format. The base owns what keeps the ranks in step:
+
+- the transport, handed in or made once (``make_comm``), and the byte ledger;
+- phase 1, check: every gradient dense floating point; the local work before agreement
+  (``_local``: staging, the non-finite scan);
+- phase 2, agree: on the first step a fingerprint all_gather (5 int64 per rank) of the dlion
+  release, the parameter list and the config; every step the metadata all_gather (4 +
+  ceil(T/8) bytes per rank) of which tensors have a gradient on some rank and the first
+  non-finite one. Every rank then takes the same branch: raise NonFiniteGradientError naming
+  the rank and tensor, skip the step (nonfinite="skip"), or go on;
+- phases 3 to 6, per bucket: ``_encode``, ``_exchange`` (the topology runs the combine where
+  it belongs: on every rank, on a shard, at a server), ``_apply``; then ``_finish``;
+- the step counters, which key every rank's random draws and travel in ``state_dict``.
+
+A world of one (no process group, or one rank) runs the same plan with ``comm`` None and
+nothing sent, unless the subclass has a rule of its own for it (``_step_alone``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from dlion.aggregate.meta import StepMeta, check_fingerprint, exchange_step_meta
+from dlion.ledger import Ledger
+from dlion.transport import Comm, make_comm
+from dlion.worker.checks import checked_grad, first_nonfinite, raise_nonfinite
+from dlion.worker.config import CommConfig
+from dlion.worker.lion import run_closure
+
+Grads = list[torch.Tensor | None]
+COUNTERS = ("steps_taken", "skipped_steps")
+
+
+class Plan(Protocol):
+    """A step's work once the ranks agreed: what the buckets share."""
+
+    n_buckets: int
+
+
+W = TypeVar("W", bound=Plan)
+
+
+def params_with_groups(param_groups: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Each parameter beside its param group, in order. torch.optim's load_state_dict
+    replaces the group dicts, so these pairs are taken again after loading, or an LR
+    scheduler would change groups the optimizer no longer reads."""
+    return [(p, g) for g in param_groups for p in g["params"]]
+
+
+class CommOptimizer(torch.optim.Optimizer, Generic[W]):
+    """A torch.optim.Optimizer whose step() is the plan above. Subclasses fill the hooks."""
+
+    STATE_KEY: ClassVar[str]  # where the counters travel in state_dict
+
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, config: CommConfig, process_group: Any
+    ) -> None:
+        super().__init__(params, defaults)
+        self.config = config
+        self._regroup()
+        for i, (p, _) in enumerate(self._flat):
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"{type(self).__name__} needs floating-point parameters; {self._name(i)} is {p.dtype}"
+                )
+        self._comm: Comm | None = make_comm(process_group, config.timeout, config.transport)
+        self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
+        self.steps_taken = 0  # steps that ran, skipped ones included: keys the draws
+        self.skipped_steps = 0
+        self._checked = False  # the fingerprint exchange is done
+
+    @property
+    def world_size(self) -> int:
+        return int(self._comm.world_size) if self._comm is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return int(self._comm.rank) if self._comm is not None else 0
+
+    @property
+    def communicates(self) -> bool:
+        """Whether a step exchanges anything: a world of more than one rank."""
+        return self._comm is not None and self._comm.world_size > 1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = run_closure(closure)
+        grads = [checked_grad(type(self).__name__, self._name(i), p) for i, (p, _) in enumerate(self._flat)]
+        comm = self._comm if self.communicates else None
+        if comm is None and self._step_alone(grads):
+            self.steps_taken += 1
+            return loss
+        if comm is not None and not self.ledger.in_step:  # a gradient hook may have opened it
+            self.ledger.begin_step()
+        try:
+            meta = self._agree(comm, grads)  # phases 1-2
+            if meta.bad_rank >= 0:
+                self._nonfinite(meta.bad_rank, meta.bad_index)  # raises, or skips the step
+            else:
+                work = self._prepare(comm, grads, meta)
+                for k in range(work.n_buckets):
+                    packet = self._encode(work, k)  # phase 3
+                    combined = self._exchange(comm, work, k, packet)  # phases 4-5
+                    self._apply(work, k, combined)  # phase 6
+                self._finish(work)
+        finally:
+            if comm is not None:
+                self.ledger.end_step()
+            self._after_step()
+        self.steps_taken += 1
+        return loss
+
+    # ---- the hooks
+
+    def _step_alone(self, grads: Grads) -> bool:
+        """A world of one: True when the subclass took the step its own way; False runs the plan
+        with nothing sent."""
+        return False
+
+    def _local(self, grads: Grads) -> int:
+        """Phase 1's local work before the ranks agree; the first non-finite tensor, or -1."""
+        return first_nonfinite(grads)
+
+    def _first_contact(self, comm: Comm) -> None:
+        """After the fingerprint, once (DistributedLion greets a dedicated server here)."""
+
+    def _prepare(self, comm: Comm | None, grads: Grads, meta: StepMeta) -> W:
+        """What the step's buckets share, now that every rank agreed to go on."""
+        raise NotImplementedError
+
+    def _encode(self, work: W, k: int) -> Any:
+        raise NotImplementedError
+
+    def _exchange(self, comm: Comm | None, work: W, k: int, packet: Any) -> Any:
+        raise NotImplementedError
+
+    def _apply(self, work: W, k: int, combined: Any) -> None:
+        raise NotImplementedError
+
+    def _finish(self, work: W) -> None:
+        """After every bucket of a step that went ahead."""
+
+    def _after_step(self) -> None:
+        """After every step that agreed, skipped or not, and after one that raised."""
+
+    def _config_extra(self) -> dict[str, object]:
+        """Settings beside ``config`` that every rank must share (compared at the first step)."""
+        return {}
+
+    # ---- what the hooks share
+
+    def _agree(self, comm: Comm | None, grads: Grads) -> StepMeta:
+        if comm is not None and not self._checked:
+            check_fingerprint(comm, [p for p, _ in self._flat], self._config_text(), self.ledger)
+            self._first_contact(comm)
+            self._checked = True
+        present = np.array([g is not None for g in grads], dtype=bool)
+        bad = self._local(grads)
+        if comm is None:
+            return StepMeta(present, 0 if bad >= 0 else -1, bad)
+        return exchange_step_meta(comm, present, bad, self.ledger)
+
+    def _nonfinite(self, rank: int, index: int) -> None:
+        """Raise NonFiniteGradientError, or count the step as skipped: the same on every rank."""
+        raise_nonfinite(
+            self.config.nonfinite, where=f"rank {rank}, {self._name(index)}", step=self.steps_taken
+        )
+        self.skipped_steps += 1
+
+    def _config_text(self) -> str:
+        """The config as ranks compare it: every field but the timeout, which may differ."""
+        fields = asdict(self.config)
+        fields.pop("timeout")
+        fields.update(self._config_extra())
+        return repr(sorted(fields.items()))
+
+    def _name(self, i: int) -> str:
+        """Tensor i as errors name it: its name when the param groups carry names."""
+        count = 0
+        for group in self.param_groups:
+            params = group["params"]
+            if i < count + len(params):
+                names, shape = group.get("param_names"), tuple(params[i - count].shape)
+                return f"parameter {names[i - count]!r} {shape}" if names else f"parameter #{i} {shape}"
+            count += len(params)
+        raise IndexError(i)
+
+    def _fp32_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        """state[p][name], made as zeros at first use; float32 and contiguous whatever the
+        parameter (torch's load_state_dict casts state to the parameter dtype)."""
+        state = self.state[p]
+        buf = state.get(name)
+        if buf is None:
+            buf = state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        elif buf.dtype != torch.float32 or not buf.is_contiguous():
+            buf = state[name] = buf.to(torch.float32).contiguous()
+        return buf
+
+    def _regroup(self) -> None:
+        """Take the (parameter, group) pairs again: after __init__ and load_state_dict."""
+        self._flat = params_with_groups(self.param_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[self.STATE_KEY] = {name: int(getattr(self, name)) for name in COUNTERS} | self._state_extra()
+        return sd
+
+    def _state_extra(self) -> dict[str, int]:
+        return {}
+
+    def _restore_counters(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Set the counters from ``state_dict`` (if saved there); the rest of it."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(self.STATE_KEY, None)
+        if saved is not None:
+            for name in COUNTERS:
+                setattr(self, name, int(saved[name]))
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(self._restore_counters(state_dict))
+        self._regroup()
+
+
+class InnerStep(CommOptimizer[W]):
+    """A CommOptimizer whose apply is a torch optimizer's step on the averaged gradients
+    (TernGrad's SGD, the fp32 baseline's AdamW or Lion). The two share their param groups and
+    state, so an LR scheduler, a state_dict or a load reaches both alike."""
+
+    def __init__(self, inner: torch.optim.Optimizer, *, config: CommConfig, process_group: Any) -> None:
+        super().__init__(inner.param_groups, inner.defaults, config=config, process_group=process_group)
+        self.inner = inner
+        self.param_groups = inner.param_groups  # one list: what one holds, the other does
+        self.state = inner.state
+
+    def _finish(self, work: W) -> None:
+        self.inner.step()
+
+    def _set_grad(self, i: int, mean: torch.Tensor) -> None:
+        """Tensor i's gradient becomes ``mean`` (any shape of its numel), for the inner step."""
+        p = self._flat[i][0]
+        g = mean.reshape(p.shape).to(p.device, p.dtype)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The inner optimizer's own load (AdamW's defaults, its step tensors), then share again.
+        self.inner.load_state_dict(self._restore_counters(state_dict))
+        self.param_groups, self.state = self.inner.param_groups, self.inner.state
+        self._regroup()

@@ -1,0 +1,52 @@
+"""Local checks of gradients, the same for every optimizer: dense floating point, and finite."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dlion.compress.sign_ops import ops_for
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A rank produced a NaN or Inf gradient; raised on every rank."""
+
+
+def raise_nonfinite(policy: str, *, where: str, step: int) -> None:
+    """Raise under nonfinite="raise"; under "skip" return, and the caller skips the step."""
+    if policy == "raise":
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN or Inf) on {where} at step {step}; "
+            "pass nonfinite='skip' to skip such steps on all ranks"
+        )
+
+
+def checked_grad(owner: str, name: str, p: torch.Tensor) -> torch.Tensor | None:
+    """p.grad, or None; a sparse or non-floating gradient is a TypeError naming the tensor."""
+    g = p.grad
+    if g is None:
+        return None
+    if g.is_sparse:
+        raise TypeError(f"{owner} does not support sparse gradients ({name})")
+    if not g.is_floating_point():
+        raise TypeError(f"gradient of {name} is {g.dtype}; expected a floating-point dtype")
+    return g
+
+
+def all_finite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A device bool[1]: every element of every tensor finite (one fused max-norm over the
+    list; nothing is read back)."""
+    norms = torch._foreach_norm(list(tensors), float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all().reshape(1)
+
+
+def first_nonfinite(grads: Sequence[torch.Tensor | None]) -> int:
+    """Index of the first gradient holding a NaN or Inf, or -1 (one pass over each, by the
+    Numba kernel for float32/float64 CPU tensors)."""
+    on_gpu = [g for g in grads if g is not None and g.is_cuda]
+    if on_gpu and bool(all_finite_flag(on_gpu)):
+        # One fused max-norm over every CUDA gradient, one host read per step; the
+        # tensor-by-tensor scan below runs only to name a bad one.
+        grads = [None if g is not None and g.is_cuda else g for g in grads]
+    return next((i for i, g in enumerate(grads) if g is not None and ops_for(g.device).nonfinite(g)), -1)

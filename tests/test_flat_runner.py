@@ -1,0 +1,139 @@
+"""The flat runner (one CUDA kernel per bucket and phase) without a GPU: its kernels run on CPU
+tensors in Numba's CUDA simulator, against the NumPy simulation and the per-tensor runner, bit
+for bit. Covers what only the flat path does: tensors absent from a step (masked lr, momentum
+taken per slot), deferred momentum (overlap), and Lion at world size 1 gated on the device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_distributed_lion import BUCKET_NUMEL, GROUPS, STEPS, assert_bits_equal, init_params, make_grads
+from test_overlap import _same
+from test_overlap import _train as overlap_train
+
+from dlion import DistributedLion, Lion
+
+from multiproc import run_ok
+from sim import simulate
+
+
+def _flat_everywhere() -> None:
+    from dlion.kernels import cuda_device
+    from dlion.worker import runners
+
+    assert cuda_device.SIMULATED, "these tests run the CUDA kernels in Numba's simulator"
+    runners.FLAT_DEVICES = ("cuda", "cpu")
+
+
+def _train(rank: int, world: int, cases: list[tuple[str, str, str]], flat: bool) -> list[dict[str, Any]]:
+    if flat:
+        _flat_everywhere()
+    out = []
+    for vote, tie, backend in cases:
+        params = [torch.nn.Parameter(torch.from_numpy(p)) for p in init_params()]
+        groups = [
+            {"params": [params[i] for i in g.indices], "lr": g.lr, "weight_decay": g.weight_decay}
+            for g in GROUPS
+        ]
+        opt = DistributedLion(groups, vote=vote, tie=tie, seed=7, bucket_numel=BUCKET_NUMEL, backend=backend)  # type: ignore[arg-type]
+        assert [r.flat for r in opt._runners] == [flat] * len(opt._runners)
+        grads = make_grads(world)
+        for step in range(STEPS):
+            for p, g in zip(params, grads[step][rank], strict=True):
+                p.grad = None if g is None else torch.from_numpy(g.copy())
+            opt.step()
+        order = [i for g in GROUPS for i in g.indices]
+        moms = {
+            i: opt.state[params[i]]["exp_avg"].numpy().reshape(-1).copy()
+            for i in order
+            if params[i] in opt.state
+        }
+        out.append({"params": [p.detach().numpy().copy() for p in params], "moms": moms})
+    return out
+
+
+CASES = {
+    2: [
+        ("majority", "random", "allgather"),
+        ("majority", "zero", "sharded"),
+        ("average", "random", "server"),
+    ],
+    3: [("majority", "random", "sharded"), ("average", "random", "allgather")],
+}
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_flat_runner_matches_the_simulation(world: int) -> None:
+    """make_grads leaves a tensor out on one rank at step 1 and on every rank at step 2, and
+    has exact zeros (the zero coin) at step 0."""
+    results = run_ok(_train, world, cases=CASES[world], flat=True)
+    grads = make_grads(world)
+    for c, (vote, tie, backend) in enumerate(CASES[world]):
+        kw = {"vote": vote, "tie": tie, "seed": 7, "bucket_numel": BUCKET_NUMEL}
+        expect, moms = simulate(init_params(), GROUPS, grads, **kw)  # type: ignore[arg-type]
+        for rank in range(world):
+            assert_bits_equal(results[rank][c], expect, moms[rank], (vote, tie, backend, rank, "flat"))
+        assert not np.array_equal(results[0][c]["params"][0], init_params()[0])
+
+
+def _overlap(rank: int, world: int, flat: bool, backend: str) -> dict[str, object]:
+    if flat:
+        _flat_everywhere()
+    return overlap_train(rank, world, overlap=flat, backend=backend, nan_step=2)
+
+
+@pytest.mark.parametrize("backend", ["allgather", "sharded"])
+def test_flat_overlap_defers_momentum_like_the_tensor_runner(backend: str) -> None:
+    """Flat buckets launched from gradient hooks (momentum deferred, a NaN-skipped step, an
+    unused head that holds its bucket back) equal the per-tensor runner's plain step."""
+    flat = run_ok(_overlap, 2, flat=True, backend=backend)
+    plain = run_ok(_overlap, 2, flat=False, backend=backend)
+    for a, b in zip(flat, plain, strict=True):
+        assert a["skipped"] == 1
+        # Overlap sent the skipped step's bits before the ranks learnt of the NaN.
+        assert a["step_bytes"][2] != b["step_bytes"][2] and a["step_bytes"][3] == b["step_bytes"][3]  # type: ignore[index]
+        # The flat runner keeps a (zero) momentum for the unused head too: compare the rest.
+        a = {**a, "momenta": a["momenta"][: len(b["momenta"])], "bits": 0}  # type: ignore[index]
+        _same(a, {**b, "bits": 0})
+
+
+def _alone(rank: int, world: int, nonfinite: str) -> dict[str, Any]:
+    _flat_everywhere()
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(7,), (3, 5), (33,), (16, 8)]]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = DistributedLion(params, lr=0.01, weight_decay=0.1, bucket_numel=128, nonfinite=nonfinite)
+    lion = Lion(ref, lr=0.01, weight_decay=0.1)
+    assert all(r.flat for r in opt._runners)
+    out: dict[str, Any] = {"error": None}
+    for step in range(4):
+        for p, q in zip(params, ref, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            g.view(-1)[::4] = 0.0  # c == 0: Lion takes sign(0) = 0, no coin
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 2:
+            params[1].grad[0, 0] = float("inf")  # type: ignore[index]
+            before = [p.detach().clone() for p in params]
+            try:
+                opt.step()
+            except FloatingPointError as err:
+                out["error"] = str(err)
+            out["unchanged"] = all(torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
+            continue
+        opt.step()
+        lion.step()
+    out["same"] = all(torch.equal(p.detach(), q.detach()) for p, q in zip(params, ref, strict=True))
+    out["skipped"] = opt.skipped_steps
+    return out
+
+
+def test_flat_lion_at_world_size_one_is_gated_on_the_device() -> None:
+    """Lion as one kernel per bucket equals dlion.Lion; a step with an Inf writes nothing,
+    and is skipped or raises naming the tensor after the kernels ran."""
+    (skipped,) = run_ok(_alone, 1, nonfinite="skip")
+    assert skipped["same"] and skipped["unchanged"] and skipped["skipped"] == 1 and skipped["error"] is None
+    (raised,) = run_ok(_alone, 1, nonfinite="raise")
+    assert raised["unchanged"] and "parameter #1 (3, 5)" in raised["error"]
