@@ -9,7 +9,7 @@ step is nearly free, so its time is the all-reduce's) and DistributedLion with e
 
 - bytes sent and received in a steady-state step, from the optimizer's ledger (the first
   step also carries a one-off fingerprint exchange and is not reported), checked to the
-  byte against DESIGN.md's cost model (``comm_model``), padding and metadata included;
+  byte against docs/design.md's cost model (``comm_model``), padding and metadata included;
 - time per optimizer step: a warm-up step, then the median over ``--steps`` timed steps,
   each after a barrier, of the slowest rank's time. Ranks share this machine's cores, so
   times at large N measure contention as much as the network.

@@ -1,6 +1,6 @@
-"""The communication benchmark's configurations, and DESIGN.md's byte cost model for each.
+"""The communication benchmark's configurations, and docs/design.md's byte cost model for each.
 
-The model is written out in closed form from DESIGN.md ("Byte ledger: cost model") and
+The model is written out in closed form from docs/design.md ("Byte ledger: cost model") and
 shares no code with the optimizers' ledger, so that the benchmark's ledger == model check
 means something. Per step and per rank, with N ranks, T tensors and P parameters:
 
@@ -113,7 +113,7 @@ def meta_bytes(n: int, n_tensors: int) -> int:
 
 
 def expected_bytes(variant: Variant, numels: list[int], n: int, bucket_numel: int, *, rank: int) -> Bytes:
-    """What DESIGN.md says ``rank`` sends and receives in a steady-state step (no fingerprint)."""
+    """What docs/design.md says ``rank`` sends and receives in a steady-state step (no fingerprint)."""
     meta = meta_bytes(n, len(numels))
     if variant.optimizer == "fp32":
         padded = math.ceil(sum(numels) / n) * n

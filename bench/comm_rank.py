@@ -91,8 +91,8 @@ def build(
         params,
         lr=LR,
         vote=variant.vote,  # type: ignore[arg-type]
-        backend=variant.backend,
-        transport=spec.transport,
+        backend=variant.backend,  # type: ignore[arg-type]
+        transport=spec.transport,  # type: ignore[arg-type]
         seed=spec.seed,
         bucket_numel=spec.bucket_numel,
         timeout=timeout,

@@ -125,7 +125,9 @@ def headline(rows: Sequence[Row]) -> list[str]:
                 f"than fp32 ring all-reduce ({_b(r.sent)} vs {_b(fp32.sent)} B per step, ledger)"
             )
     bad = [f"{r.transport} N={r.n} {r.variant}" for r in rows if not r.ledger_ok]
-    out.append("- ledger == DESIGN.md cost model, to the byte, in every row: " + ("yes" if not bad else "NO"))
+    out.append(
+        "- ledger == docs/design.md cost model, to the byte, in every row: " + ("yes" if not bad else "NO")
+    )
     out.extend(f"  - MISMATCH: {b}" for b in bad)
     return out
 

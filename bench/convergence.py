@@ -25,10 +25,10 @@ from typing import Any
 from bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
 from dlion import report
 from dlion.train.config import TASKS
-from dlion.worker.catalogue import OPTIMIZER_NAMES, names
+from dlion.worker import catalogue
 
 # The distributed optimizers: `lion` is the single-process reference, not a baseline here.
-DEFAULT_OPTIMIZERS = names(single_process=False)
+DEFAULT_OPTIMIZERS = catalogue.names(single_process=False)
 # How each task trains: steps, batch, evaluation, and per-optimizer learning rates where
 # the job's defaults (tuned on the byte-level model) do not fit.
 TASK_FLAGS: dict[str, list[str]] = {
@@ -66,7 +66,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         check_names("tasks", self.tasks, TASKS)
-        check_names("optimizers", self.optimizers, OPTIMIZER_NAMES)
+        check_names("optimizers", self.optimizers, catalogue.OPTIMIZER_NAMES)
         check_ints("workers", self.workers, low=1)
         check_ints("seeds", self.seeds, low=0)
         if self.steps < 1:

@@ -22,12 +22,12 @@ import numpy as np
 from dlion.kernels import (
     apply_update,
     count_planes,
-    derive_key,
     lion_sign_step,
     majority_vote,
     pack_signs,
     unpack_signs,
 )
+from dlion.wire import derive_key
 
 PACK_TARGET = 0.9  # memcpy time / pack_signs time
 FUSED_TARGET = 0.7  # memory-bound limit / lion_sign_step time

@@ -1,7 +1,7 @@
 """The emulated-cluster benchmark's cases, its synthetic parameter shapes, and each case's bytes.
 
 A case is one optimizer on one backend. The expected bytes of a steady-state step come
-from closed forms written from DESIGN.md and each optimizer's documented wire format,
+from closed forms written from docs/design.md and each optimizer's documented wire format,
 sharing no code with the ledgers they are checked against: Distributed Lion (and Signum,
 the same wire) and fp32 all-reduce (AdamW) through ``comm_model``; TernGrad and DGC here.
 With N ranks and T tensors, every optimizer's step starts with the metadata all_gather of

@@ -105,7 +105,7 @@ class Collective:
     fan: int = 0  # gather/broadcast: messages through the server's link
 
     def rank_bytes(self, n: int, *, server: bool = False) -> Bytes:
-        """What one rank sends and receives, as the ledger counts it (DESIGN.md's table)."""
+        """What one rank sends and receives, as the ledger counts it (docs/design.md's table)."""
         s, fan = self.size, self.fan
         each = {
             "all_reduce": 2 * (n - 1) * s // n, "all_gather": (n - 1) * s, "all_to_all": (n - 1) * s // n,

@@ -1,7 +1,7 @@
 """The byte ledger: what one rank sends and receives, per step and per collective.
 
 Counts are kept in bits so 1-bit payloads of any length are exact; totals of whole
-messages are whole bytes. Each collective's traffic follows DESIGN.md's cost model
+messages are whole bytes. Each collective's traffic follows docs/design.md's cost model
 (see the ``*_traffic`` functions), applied to the buffer sizes actually sent.
 """
 

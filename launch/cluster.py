@@ -41,7 +41,7 @@ from typing import Any
 from dlion.run.local import POLL_S, Interrupted, raise_interrupted, read_failure, stop_processes
 from dlion.train.args import add_train_arguments, config_from_args
 from dlion.train.config import TrainConfig, check_float, check_int
-from dlion.train.dist import ERROR_FILE_ENV, INIT_METHOD_ENV
+from dlion.train.dist import ERROR_FILE_ENV, INIT_METHOD_ENV, share_cores
 from dlion.train.report import write_report
 from dlion.worker.catalogue import entry
 from launch.netns import (
@@ -231,8 +231,7 @@ def _start_agent(job: HostJob, net: EmulatedNetwork, host: int, scratch: Path) -
     # so the launcher can name the rank that failed first.
     env[ERROR_FILE_ENV] = str(scratch / "error-rank{rank}.json")
     env["PYTHONUNBUFFERED"] = "1"
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env.setdefault(name, str(max(1, len(cpus) // k)))
+    share_cores(env, k, len(cpus))
     cmd = [
         *net.exec_prefix(host), sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(spec.hosts), "--nproc-per-node", str(k), "--node-rank", str(host),

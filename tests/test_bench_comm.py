@@ -1,4 +1,4 @@
-"""The communication benchmark's small mode: the ledger equals DESIGN.md's cost model."""
+"""The communication benchmark's small mode: the ledger equals docs/design.md's cost model."""
 
 from __future__ import annotations
 

@@ -404,7 +404,7 @@ def _bits(recs: list[CollectiveRecord], names: set[str], way: str) -> int:
 def _check_ledger(
     steps: list[list[CollectiveRecord]], info: list[dict[str, Any]], rank: int, world: int, backend: str
 ) -> None:
-    """The ledger equals DESIGN.md's cost model applied to the message sizes."""
+    """The ledger equals docs/design.md's cost model applied to the message sizes."""
     n = world
     meta = 8 * (4 + 1)  # bad index + presence bits of 5 tensors
     for step, (recs, inf) in enumerate(zip(steps, info, strict=True)):

@@ -1,6 +1,6 @@
 """The Numba sign kernels against their NumPy references, bit for bit, and against the wire format.
 
-Wire layout (DESIGN.md): element k is byte k // 8, bit 7 - k % 8 (bitarray endian="big");
+Wire layout (docs/design.md): element k is byte k // 8, bit 7 - k % 8 (bitarray endian="big");
 bit 1 means a positive value. Float32 results are compared through ``.view(np.uint32)``.
 """
 

@@ -73,7 +73,7 @@ def test_dedicated_server_ledger_matches_cost_model() -> None:
         assert led["bytes_received"] == STEPS * (planes * s_bytes + meta) + (workers - 1) * 40 + 16 + totals
         assert led["sent_bytes_by_kind"]["payload"] == STEPS * sum(int(np.prod(s)) for s in SHAPES) / 8
     server = results[workers][0]
-    # Per step the server receives N S (+ headers) and sends N B S: DESIGN.md's gather and broadcast.
+    # Per step the server receives N S (+ headers) and sends N B S: docs/design.md's gather and broadcast.
     assert server["steps"] == [(workers * planes * s_bytes, workers * (s_bytes + header))] * STEPS
     hello = workers * (8 * (8 + 2 * len(buckets)))
     assert server["ledger"]["bytes_received"] == STEPS * workers * (s_bytes + header) + hello + workers * stop

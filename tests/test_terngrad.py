@@ -266,7 +266,7 @@ def test_config_rejects_bad_values(kwargs: dict[str, Any], match: str) -> None:
 def _expected_step(
     world: int, rank: int, backend: str, live: list[int], step: int
 ) -> tuple[Traffic, Traffic]:
-    """(sent, received) bits of one step by DESIGN.md's cost model, computed from scratch."""
+    """(sent, received) bits of one step by docs/design.md's cost model, computed from scratch."""
     peers = world - 1
     t = len(SHAPES)
     meta = Traffic(metadata=8 * (4 + (t + 7) // 8) + (64 * 5 if step == 0 else 0)) * peers

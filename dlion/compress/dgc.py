@@ -25,7 +25,7 @@ tensor. A slot that selection left empty holds index -1 and value 0 (the sentine
 as padding), as do the fill slots that make S a multiple of 4 (fp32) or 8 (fp16). ``dense``
 holds the uncompressed tensors' gradients, padded with zeros to a multiple of 4, when they
 travel in the message (``dense_in_message``; otherwise D = 0 and the caller reduces them
-apart). Every section is a whole number of 16-byte words (DESIGN.md). Decoding adds rank
+apart). Every section is a whole number of 16-byte words (docs/design.md). Decoding adds rank
 0's message first, then rank 1's, ...: a fixed order, so every rank and a server get the
 same bits.
 """

@@ -2,7 +2,7 @@
 
 The tests hold each Numba kernel to its twin here bit for bit.
 
-Wire code, 2 bits per element, most significant first like the sign wire (DESIGN.md):
+Wire code, 2 bits per element, most significant first like the sign wire (docs/design.md):
 element k of a packed buffer is bits (7 - 2 (k % 4), 6 - 2 (k % 4)) of byte k // 4, and
 
     00 = 0,   01 = +1,   10 = -1      (11 is never written; it decodes to 0)

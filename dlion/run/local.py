@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from dlion.train.dist import ERROR_FILE_ENV, INIT_METHOD_ENV, cpu_count
+from dlion.train.dist import ERROR_FILE_ENV, INIT_METHOD_ENV, share_cores
 
 POLL_S = 0.1
 # How long a worker gets to exit after SIGTERM before it is killed.
@@ -54,10 +54,7 @@ class Interrupted(Exception):
 def worker_env(rank: int, workers: int, scratch: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of worker ``rank``: torchrun's variables plus thread limits."""
     env = dict(os.environ if base is None else base)
-    threads = str(max(1, cpu_count() // workers))
-    # A user's explicit thread settings win; otherwise N workers share the cores.
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env.setdefault(name, threads)
+    share_cores(env, workers)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env.update(
         RANK=str(rank),

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dlion.train.dist import cpu_count
+from dlion.train.dist import share_cores
 
 
 def find_mpiexec() -> str:
@@ -48,9 +48,7 @@ def launch_mpi(processes: int, argv: list[str]) -> int:
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be an int >= 1, got {processes!r}")
     env = dict(os.environ)
-    threads = str(max(1, cpu_count() // processes))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env.setdefault(name, threads)
+    share_cores(env, processes)
     proc = subprocess.Popen(mpiexec_command(processes, argv, find_mpiexec()), env=env)
     try:
         return proc.wait()

@@ -59,6 +59,16 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def share_cores(env: dict[str, str], ranks: int, cores: int | None = None) -> None:
+    """Thread settings for ``ranks`` processes sharing ``cores`` (default: this machine's),
+    into the environment they start with. A user's own settings win. OpenMP threads sleep
+    between kernels instead of spinning on a core another rank needs."""
+    threads = str(max(1, (cpu_count() if cores is None else cores) // max(1, ranks)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env.setdefault(name, threads)
+    env.setdefault("OMP_WAIT_POLICY", "passive")
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None:

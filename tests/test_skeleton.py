@@ -1,0 +1,55 @@
+"""Every optimizer of the catalogue is a torch.optim.Optimizer: an LR scheduler drives it as it
+is, and a state_dict round trip keeps what the optimizer and its inner one share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from dlion.worker.base import CommOptimizer
+from dlion.worker.catalogue import OPTIMIZER_NAMES, build_optimizer, entry
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model(torch.ones(2, 4)).pow(2).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_a_scheduler_drives_every_optimizer_itself(name: str) -> None:
+    model = _model()
+    opt = build_optimizer(name, model.parameters(), lr=0.1, weight_decay=0.0)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt, CommOptimizer) or entry(name).single_process
+    sched = LambdaLR(opt, lambda s: 0.0 if s == 0 else 1.0)  # lr 0 for the first step only
+    before = [p.detach().clone() for p in model.parameters()]
+    _step(model, opt)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)), name
+    sched.step()
+    inner = getattr(opt, "inner", opt)
+    assert [g["lr"] for g in inner.param_groups] == [0.1]  # what the update rule reads
+    _step(model, opt)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)), name
+
+
+@pytest.mark.parametrize("name", ["terngrad", "adamw-global", "lion-global"])
+def test_an_inner_optimizer_shares_groups_and_state_after_a_load(name: str) -> None:
+    model = _model()
+    opt = build_optimizer(name, model.parameters(), lr=0.1, weight_decay=0.0)
+    _step(model, opt)
+    saved = opt.state_dict()
+    again = build_optimizer(name, _model().parameters(), lr=0.5, weight_decay=0.0)
+    again.load_state_dict(saved)
+    inner = again.inner  # type: ignore[attr-defined]
+    assert inner.param_groups is again.param_groups and inner.state is again.state
+    assert again.param_groups[0]["lr"] == 0.1 and len(again.state) == len(opt.state) > 0
+    assert again.steps_taken == 1  # type: ignore[attr-defined]
+    LambdaLR(again, lambda s: 0.25)
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.025)
