@@ -32,7 +32,7 @@ import torch
 from dlion.aggregate.meta import StepMeta, check_fingerprint, exchange_step_meta
 from dlion.ledger import Ledger
 from dlion.transport import Comm, make_comm
-from dlion.worker.checks import checked_grad, first_nonfinite, raise_nonfinite
+from dlion.worker.checks import dense_float_grads, first_nonfinite, raise_nonfinite
 from dlion.worker.config import CommConfig
 from dlion.worker.lion import run_closure
 
@@ -70,7 +70,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         for i, (p, _) in enumerate(self._flat):
             if not p.is_floating_point():
                 raise TypeError(
-                    f"{type(self).__name__} needs floating-point parameters; {self._name(i)} is {p.dtype}"
+                    f"{type(self).__name__} needs floating-point parameters; {self._names[i]} is {p.dtype}"
                 )
         self._comm: Comm | None = make_comm(process_group, config.timeout, config.transport)
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
@@ -94,7 +94,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = run_closure(closure)
-        grads = [checked_grad(type(self).__name__, self._name(i), p) for i, (p, _) in enumerate(self._flat)]
+        grads = dense_float_grads(type(self).__name__, [p for p, _ in self._flat], self._names)
         comm = self._comm if self.communicates else None
         if comm is None and self._step_alone(grads):
             self.steps_taken += 1
@@ -172,7 +172,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     def _nonfinite(self, rank: int, index: int) -> None:
         """Raise NonFiniteGradientError, or count the step as skipped: the same on every rank."""
         raise_nonfinite(
-            self.config.nonfinite, where=f"rank {rank}, {self._name(index)}", step=self.steps_taken
+            self.config.nonfinite, where=f"rank {rank}, {self._names[index]}", step=self.steps_taken
         )
         self.skipped_steps += 1
 
@@ -182,17 +182,6 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         fields.pop("timeout")
         fields.update(self._config_extra())
         return repr(sorted(fields.items()))
-
-    def _name(self, i: int) -> str:
-        """Tensor i as errors name it: its name when the param groups carry names."""
-        count = 0
-        for group in self.param_groups:
-            params = group["params"]
-            if i < count + len(params):
-                names, shape = group.get("param_names"), tuple(params[i - count].shape)
-                return f"parameter {names[i - count]!r} {shape}" if names else f"parameter #{i} {shape}"
-            count += len(params)
-        raise IndexError(i)
 
     def _fp32_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
         """state[p][name], made as zeros at first use; float32 and contiguous whatever the
@@ -206,8 +195,15 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return buf
 
     def _regroup(self) -> None:
-        """Take the (parameter, group) pairs again: after __init__ and load_state_dict."""
+        """Take the (parameter, group) pairs again, and how errors name each tensor (its name
+        when the param groups carry names): after __init__ and load_state_dict."""
         self._flat = params_with_groups(self.param_groups)
+        self._names: list[str] = []
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                who = repr(names[j]) if names else f"#{len(self._names)}"
+                self._names.append(f"parameter {who} {tuple(p.shape)}")
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -22,16 +22,18 @@ def raise_nonfinite(policy: str, *, where: str, step: int) -> None:
         )
 
 
-def checked_grad(owner: str, name: str, p: torch.Tensor) -> torch.Tensor | None:
-    """p.grad, or None; a sparse or non-floating gradient is a TypeError naming the tensor."""
-    g = p.grad
-    if g is None:
-        return None
-    if g.is_sparse:
-        raise TypeError(f"{owner} does not support sparse gradients ({name})")
-    if not g.is_floating_point():
-        raise TypeError(f"gradient of {name} is {g.dtype}; expected a floating-point dtype")
-    return g
+def dense_float_grads(
+    owner: str, params: Sequence[torch.Tensor], names: Sequence[str]
+) -> list[torch.Tensor | None]:
+    """Each p.grad (None where there is none); a sparse or non-floating gradient is a
+    TypeError naming the tensor."""
+    grads = [p.grad for p in params]
+    for g, name in zip(grads, names, strict=True):
+        if g is not None and g.is_sparse:
+            raise TypeError(f"{owner} does not support sparse gradients ({name})")
+        if g is not None and not g.is_floating_point():
+            raise TypeError(f"gradient of {name} is {g.dtype}; expected a floating-point dtype")
+    return grads
 
 
 def all_finite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
