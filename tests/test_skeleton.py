@@ -10,6 +10,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from dlion.worker.base import CommOptimizer
 from dlion.worker.catalogue import OPTIMIZER_NAMES, build_optimizer, entry
 
+from multiproc import run_ok
+
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -53,3 +55,23 @@ def test_an_inner_optimizer_shares_groups_and_state_after_a_load(name: str) -> N
     assert again.steps_taken == 1  # type: ignore[attr-defined]
     LambdaLR(again, lambda s: 0.25)
     assert inner.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def _handed_in(rank: int, world: int) -> dict[str, object]:
+    from datetime import timedelta
+
+    from dlion import DistributedLion
+    from dlion.transport import TorchComm
+
+    comm = TorchComm(None, timedelta(seconds=30))
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = DistributedLion([p], lr=0.1, process_group=comm)
+    p.grad = torch.full((10,), 1.0 if rank == 0 else -1.0)
+    opt.step()
+    return {"same": opt._comm is comm, "bytes": opt.ledger.summary()["bytes_sent"], "p": p.detach().clone()}
+
+
+def test_a_transport_handed_in_is_used_as_it_is() -> None:
+    out = run_ok(_handed_in, 2)
+    assert all(r["same"] and r["bytes"] > 0 for r in out)
+    assert torch.equal(out[0]["p"], out[1]["p"])  # type: ignore[arg-type]
