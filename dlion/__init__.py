@@ -1,5 +1,6 @@
 """dlion: Distributed Lion, communication-efficient distributed training with 1-bit updates."""
 
+from dlion.integrations.ddp import attach
 from dlion.server import ParameterServer, WorkerLost, split_server
 from dlion.version import VERSION
 from dlion.worker.catalogue import build_optimizer
@@ -24,6 +25,7 @@ __all__ = [
     "TernGradConfig",
     "WorkerLost",
     "__version__",
+    "attach",
     "build_optimizer",
     "lion_update",
     "split_server",

@@ -410,7 +410,7 @@ def _check_ledger(
     for step, (recs, inf) in enumerate(zip(steps, info, strict=True)):
         layout, valid = inf["layouts"][backend], inf["valid"]
         assert _bits(recs, {"meta"}, "sent") == _bits(recs, {"meta"}, "received") == (n - 1) * meta
-        assert _bits(recs, {"fingerprint"}, "sent") == (n - 1) * 5 * 64 * (step == 0)
+        assert _bits(recs, {"fingerprint"}, "sent") == (n - 1) * 6 * 64 * (step == 0)
         msg = 8 * layout.nbytes
         others = [codec.message_traffic(layout, c) for j, c in enumerate(valid) if j != rank]
         if backend == "allgather":

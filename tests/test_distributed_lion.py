@@ -168,7 +168,7 @@ def test_ledger_matches_cost_model() -> None:
         led = results[rank][0]
         per_step_bits = (world - 1) * 8 * sum(b.nbytes for b in buckets)
         meta_bits = (world - 1) * 8 * meta_bytes
-        fp_bits = (world - 1) * 64 * 5
+        fp_bits = (world - 1) * 64 * 6
         expect_sent = STEPS * (per_step_bits + meta_bits) + fp_bits
         assert led["ledger"]["bytes_sent"] * 8 == expect_sent
         assert led["ledger"]["bytes_received"] == led["ledger"]["bytes_sent"]
@@ -192,7 +192,7 @@ def test_sharded_ledger_matches_cost_model(world: int, vote: str, tie: str, plan
     bucket_bits = sum(8 * b.nbytes for b in buckets)
     # all_to_all: (N-1)/N S up; result all_gather: (N-1)/N S per result plane.
     per_step = (world - 1) * bucket_bits // world * (1 + planes) + meta_bits
-    fp_bits = (world - 1) * 64 * 5
+    fp_bits = (world - 1) * 64 * 6
     for rank in range(world):
         led = results[rank][0]["ledger"]
         assert led["bytes_sent"] * 8 == STEPS * per_step + fp_bits
@@ -210,7 +210,7 @@ def test_server_ledger_matches_cost_model() -> None:
     bucket_bits = sum(8 * b.nbytes for b in buckets)
     planes = 2  # counts of 0..3 votes
     meta = (world - 1) * 8 * (4 + (len(SHAPES) + 7) // 8)
-    fp_bits = (world - 1) * 64 * 5
+    fp_bits = (world - 1) * 64 * 6
     server = results[0][0]["ledger"]
     assert server["bytes_received"] * 8 == STEPS * ((world - 1) * bucket_bits + meta) + fp_bits
     assert server["bytes_sent"] * 8 == STEPS * ((world - 1) * planes * bucket_bits + meta) + fp_bits

@@ -57,7 +57,7 @@ def test_global_baselines_match_single_process() -> None:
                 assert torch.equal(a, b), name
             led = res["ledger"]
             meta_bits = 8 * (4 + 1)  # bad index + presence bits of 3 tensors, one per peer
-            fingerprint = 64 * 5  # the first step's 5 int64, one peer
+            fingerprint = 64 * 6  # the first step's 6 int64, one peer
             assert led["bytes_sent"] * 8 == 3 * (2 * (2 - 1) * 32 * padded // 2 + meta_bits) + fingerprint
             assert led["bits_per_param_up"] > 32  # ring all-reduce of fp32 is ~2(N-1)/N * 32 bits
 
@@ -117,6 +117,6 @@ def test_global_baseline_at_three_ranks() -> None:
         assert torch.equal(res["param"], results[0]["param"])  # type: ignore[arg-type]
         led = res["ledger"]
         meta_bits = 2 * 8 * (4 + 1)
-        fingerprint = 2 * 64 * 5  # the first step's 5 int64 to each of 2 peers
+        fingerprint = 2 * 64 * 6  # the first step's 6 int64 to each of 2 peers
         assert led["bytes_sent"] * 8 == 2 * (2 * 2 * 32 * 33 // 3 + meta_bits) + fingerprint  # type: ignore[index]
         assert led["sent_bytes_by_kind"]["padding"] * 8 == 2 * (2 * 2 * 32 * 2 // 3)  # type: ignore[index]

@@ -25,7 +25,7 @@ FLOORS: list[set[str]] = [
     {"aggregate"},
     {"server"},
     {"worker"},
-    {"train"},
+    {"train", "integrations"},
     {"run", "report"},
     {"cli", "__main__"},
 ]

@@ -65,12 +65,12 @@ def test_dedicated_server_ledger_matches_cost_model() -> None:
     planes = 2  # counts of 0..3 positive votes
     header = 24  # (magic, op, step) per exchanging step
     meta = (workers - 1) * (4 + (len(SHAPES) + 7) // 8)  # among the workers only
-    first = (workers - 1) * 40 + 8 * (8 + 2 * len(buckets))  # fingerprint and hello, once
+    first = (workers - 1) * 48 + 8 * (8 + 2 * len(buckets))  # fingerprint and hello, once
     stop, totals = 24, 64  # after the last step
     for rank in range(workers):
         led = results[rank][0]["ledger"]
         assert led["bytes_sent"] == STEPS * (s_bytes + header + meta) + first + stop
-        assert led["bytes_received"] == STEPS * (planes * s_bytes + meta) + (workers - 1) * 40 + 16 + totals
+        assert led["bytes_received"] == STEPS * (planes * s_bytes + meta) + (workers - 1) * 48 + 16 + totals
         assert led["sent_bytes_by_kind"]["payload"] == STEPS * sum(int(np.prod(s)) for s in SHAPES) / 8
     server = results[workers][0]
     # Per step the server receives N S (+ headers) and sends N B S: docs/design.md's gather and broadcast.

@@ -269,7 +269,7 @@ def _expected_step(
     """(sent, received) bits of one step by docs/design.md's cost model, computed from scratch."""
     peers = world - 1
     t = len(SHAPES)
-    meta = Traffic(metadata=8 * (4 + (t + 7) // 8) + (64 * 5 if step == 0 else 0)) * peers
+    meta = Traffic(metadata=8 * (4 + (t + 7) // 8) + (64 * 6 if step == 0 else 0)) * peers
     scalers = Traffic(scalers=32 * t, padding=32 * (-(-t // 4) * 4 - t)) * peers
     numel = sum(int(np.prod(SHAPES[i])) for i in live)
     nbytes = -(-sum((int(np.prod(SHAPES[i])) + 3) // 4 for i in live) // 16) * 16

@@ -28,12 +28,16 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def check_fingerprint(comm: Comm, params: Sequence[torch.Tensor], config_text: str, ledger: Ledger) -> None:
-    """Raise ValueError on every rank if any rank's parameters or config differ."""
+def check_fingerprint(
+    comm: Comm, params: Sequence[torch.Tensor], config_text: str, ledger: Ledger, *, gradients: int = 0
+) -> list[int]:
+    """Raise ValueError on every rank if any rank's parameters or config differ. The exchange
+    also carries a digest of each rank's first gradients, which may differ (they should):
+    returns every rank's."""
     shapes = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
     # Ranks on another dlion release may round or lay out bits differently: refuse them too.
     release = _crc(f"wire format {_FORMAT}, dlion {version.VERSION}")
-    mine = [release, len(params), sum(p.numel() for p in params), _crc(shapes), _crc(config_text)]
+    mine = [release, len(params), sum(p.numel() for p in params), _crc(shapes), _crc(config_text), gradients]
     send = torch.tensor(mine, dtype=torch.int64)
     gathered = comm.all_gather(send, "fingerprint all_gather").cpu().tolist()
     sent, received = all_gather_traffic(Traffic(metadata=64 * len(mine)), comm.world_size)
@@ -49,6 +53,7 @@ def check_fingerprint(comm: Comm, params: Sequence[torch.Tensor], config_text: s
             "ranks disagree on the dlion release, the parameter list or the optimizer config "
             "(every rank must run the same dlion and build the same model and optimizer): " + "; ".join(diffs)
         )
+    return [row[len(FINGERPRINT_FIELDS)] for row in gathered]
 
 
 @dataclass(frozen=True)

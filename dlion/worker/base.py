@@ -7,11 +7,13 @@ file, holding only their own math and wire format. The base owns what keeps the 
 - the transport, handed in or made once (``make_comm``), and the byte ledger;
 - phase 1, check: every gradient dense floating point; the local work before agreement
   (``_local``: staging, the non-finite scan);
-- phase 2, agree: on the first step a fingerprint all_gather (5 int64 per rank) of the dlion
-  release, the parameter list and the config; every step the metadata all_gather (4 +
-  ceil(T/8) bytes per rank) of which tensors have a gradient on some rank and the first
-  non-finite one. Every rank then takes the same branch: raise NonFiniteGradientError naming
-  the rank and tensor, skip the step (nonfinite="skip"), or go on;
+- phase 2, agree: on the first step a fingerprint all_gather (6 int64 per rank) of the dlion
+  release, the parameter list, the config and a digest of the gradients (the same on every
+  rank means they arrived averaged: every rank warns, dlion.worker.guard); every step the
+  metadata all_gather (4 + ceil(T/8) bytes per rank) of which tensors have a gradient on
+  some rank and the first non-finite one. Every rank then takes the same branch: raise
+  NonFiniteGradientError naming the rank and tensor, skip the step (nonfinite="skip"), or
+  go on;
 - phases 3 to 6, per bucket: ``_encode``, ``_exchange`` (the topology runs the combine where
   it belongs: on every rank, on a shard, at a server), ``_apply``; then ``_finish``;
 - the step counters, which key every rank's random draws and travel in ``state_dict``.
@@ -34,6 +36,7 @@ from dlion.ledger import Ledger
 from dlion.transport import Comm, make_comm
 from dlion.worker.checks import dense_float_grads, first_nonfinite, raise_nonfinite
 from dlion.worker.config import CommConfig
+from dlion.worker.guard import gradient_digest, warn_if_averaged
 from dlion.worker.lion import run_closure
 
 Grads = list[torch.Tensor | None]
@@ -160,7 +163,9 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
 
     def _agree(self, comm: Comm | None, grads: Grads) -> StepMeta:
         if comm is not None and not self._checked:
-            check_fingerprint(comm, [p for p, _ in self._flat], self._config_text(), self.ledger)
+            params, text = [p for p, _ in self._flat], self._config_text()
+            digests = check_fingerprint(comm, params, text, self.ledger, gradients=gradient_digest(grads))
+            warn_if_averaged(digests, type(self).__name__, self.ledger.n_params)
             self._first_contact(comm)
             self._checked = True
         present = np.array([g is not None for g in grads], dtype=bool)

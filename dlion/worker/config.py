@@ -89,8 +89,9 @@ class DistributedLionConfig(CommConfig):
                   rank votes its shard, all_gather of the results: 2 (N-1)/N bits each way
                   under majority vote, whatever N. "server": a parameter server on rank
                   0 gathers the bits, votes, and broadcasts the result (1 bit up, B down
-                  per worker; N-1 times that at the server). DistributedLion's
-                  ``server=`` link moves the server to a process of its own.
+                  per worker; N-1 times that at the server).
+    dedicated_server: the server is a process of its own (DistributedLion's ``server=``
+                  link), not rank 0; backend "server" only.
     tie:          majority vote with an even number of workers can split evenly.
                   "random": a fair coin seeded by (seed, step, position), identical on all
                   ranks, keeps the result at 1 bit per parameter. "zero": no update on a
@@ -116,6 +117,13 @@ class DistributedLionConfig(CommConfig):
     cautious_wd: bool = False
     byzantine: Byzantine | None = None
     overlap: bool = False
+    dedicated_server: bool = False
+
+    @property
+    def launches_in_backward(self) -> bool:
+        """Whether a bucket's vote can start before step(): its collectives then run in one
+        fixed order from gradient hooks (a server's steps begin with a header in step())."""
+        return self.backend in OVERLAP_BACKENDS and self.transport == "torch"
 
     def __post_init__(self) -> None:
         one_of("vote", self.vote, VOTES)
@@ -132,7 +140,11 @@ class DistributedLionConfig(CommConfig):
             raise ValueError(f"byzantine must be a dlion Byzantine or None, got {self.byzantine!r}")
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
-        if self.overlap and (self.backend not in OVERLAP_BACKENDS or self.transport != "torch"):
+        if self.dedicated_server and self.backend != "server":
+            raise ValueError(
+                f"server= (a dedicated parameter server) needs backend='server', not {self.backend!r}"
+            )
+        if self.overlap and not self.launches_in_backward:
             raise ValueError(
                 f"overlap=True needs backend 'allgather' or 'sharded' with transport 'torch', "
                 f"got backend={self.backend!r}, transport={self.transport!r}"

@@ -46,7 +46,7 @@ class DGC(CommOptimizer[DGCStep]):
     Per step t, with N ranks (N = 1 runs the same math and skips every collective):
 
       1. Check and agree (dlion.worker.base): on the first step a fingerprint all_gather
-         (5 int64 per rank); then the metadata all_gather (4 + ceil(T/8) bytes per rank) of
+         (6 int64 per rank); then the metadata all_gather (4 + ceil(T/8) bytes per rank) of
          which tensors have a gradient somewhere and the first non-finite one. Every rank
          then raises NonFiniteGradientError, skips the step (nonfinite="skip"), or goes on.
          A tensor no rank has a gradient for is left alone; a rank without one sends g = 0.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,9 +30,8 @@ from dlion.worker.config import (
     Vote,
     check_lion_hyperparameters,
 )
-from dlion.worker.lion import lion_group_update
 from dlion.worker.overlap import Overlap
-from dlion.worker.runners import Encoded, Runner, TensorRunner, Voted, can_be_flat, stage_all
+from dlion.worker.runners import Encoded, Runner, TensorRunner, Voted, can_be_flat, lion_alone, stage_all
 
 
 @dataclass
@@ -111,12 +110,8 @@ class DistributedLion(CommOptimizer[LionStep]):
         config = DistributedLionConfig(
             vote=vote, tie=tie, backend=backend, transport=transport, nonfinite=nonfinite, seed=seed,
             bucket_numel=bucket_numel, force_comm=force_comm, timeout=timeout, cautious_wd=cautious_wd,
-            byzantine=byzantine, overlap=overlap,
+            byzantine=byzantine, overlap=overlap, dedicated_server=server is not None,
         )  # fmt: skip
-        if server is not None and backend != "server":
-            raise ValueError(
-                f"server= (a dedicated parameter server) needs backend='server', not {backend!r}"
-            )
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         super().__init__(params, defaults, config=config, process_group=process_group)
         self.config: DistributedLionConfig = config
@@ -127,9 +122,10 @@ class DistributedLion(CommOptimizer[LionStep]):
         self._server = ServerClient(server, self.ledger) if server is not None else None
         self._runners: list[Runner] = [self._runner(b) for b in self._buckets]  # chosen once
         self._early: list[Voted] | None = None  # what overlap voted during this step's backward
-        self._overlap: Overlap | None = None
+        self._overlap: Overlap | None = None  # what starts buckets during backward
+        self._on_stop: list[Callable[[], None]] = []
         if overlap and self.communicates:
-            self._overlap = Overlap([[p for p, _ in self.pairs(b)] for b in self._buckets], self.vote_bucket)
+            self._overlap = self._launcher(hooks=True)
 
     @property
     def communicates(self) -> bool:
@@ -160,26 +156,15 @@ class DistributedLion(CommOptimizer[LionStep]):
     # ---- the plan's hooks
 
     def _step_alone(self, grads: Grads) -> bool:
-        """A world of one: plain Lion, nothing sent. With every bucket flat and every gradient
-        there, the finite check stays on the device and gates the kernels; the host reads it
-        once, after every launch."""
-        ok = stage_all(self._runners, self._per_bucket(grads))
-        if ok is not None and all(g is not None for g in grads):
-            for r in self._runners:
-                r.lion(ok, self.config.cautious_wd)
-            if not bool(ok):
-                self._nonfinite(0, first_nonfinite(grads))
-            return True
-        bad = first_nonfinite(grads)
+        """A world of one: plain Lion, the update of dlion.Lion, nothing sent."""
+        pairs = zip(self._flat, grads, strict=True)
+
+        def tensors() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+            return [(p, g, self.momentum(p), group) for (p, group), g in pairs if g is not None]
+
+        bad = lion_alone(self._runners, self._per_bucket(grads), grads, tensors, self.config.cautious_wd)
         if bad >= 0:
             self._nonfinite(0, bad)
-            return True
-        live = [
-            (p, g, self.momentum(p), group)
-            for (p, group), g in zip(self._flat, grads, strict=True)
-            if g is not None
-        ]
-        lion_group_update(live, self.config.cautious_wd)
         return True
 
     def _local(self, grads: Grads) -> int:
@@ -195,9 +180,6 @@ class DistributedLion(CommOptimizer[LionStep]):
         if self._server is not None:
             cfg = self.config
             self._server.hello(Hello.of(comm.world_size, cfg.vote, cfg.tie, cfg.seed, self._wires))
-
-    def _config_extra(self) -> dict[str, object]:
-        return {"server": "dedicated" if self._server is not None else "rank 0"}
 
     def _prepare(self, comm: Comm | None, grads: Grads, meta: StepMeta) -> LionStep:
         if self._server is not None:
@@ -282,16 +264,37 @@ class DistributedLion(CommOptimizer[LionStep]):
         return Voted(planes, table, deferred, encoded.keep)
 
     def close(self) -> dict[str, Any] | None:
-        """End of training: a dedicated parameter server stops once every worker closes.
+        """End of training, on every worker after the last step: a dedicated parameter server
+        stops once every worker closes, and returns its traffic totals (None without one; a
+        second call returns them again). Gradient and DDP hooks stop launching buckets."""
+        self.stop_launching()
+        return self._server.close() if self._server is not None else None
 
-        Call it on every worker after the last step. Returns the server's traffic totals
-        (None without a dedicated server); calling it again returns them again. With
-        ``overlap``, it also removes the gradient hooks.
-        """
+    def launch_on_ready(self, on_stop: Callable[[], None]) -> Overlap | None:
+        """For dlion.attach: a launcher that DDP's hook tells which gradients are final (None
+        where the vote must wait for step(): backend 'server', MPI, or nothing to send).
+        ``on_stop`` runs when ``stop_launching`` or ``close`` does."""
+        if self._overlap is not None:
+            raise ValueError(
+                "overlap=True already starts the vote from gradient hooks; attach needs overlap=False"
+            )
+        self._on_stop.append(on_stop)
+        if self.config.launches_in_backward and self.communicates:
+            no_sync = "run backward under model.no_sync() for all but the last micro-batch"
+            self._overlap = self._launcher(hooks=False, accumulate=no_sync)
+        return self._overlap
+
+    def _launcher(self, **how: Any) -> Overlap:
+        return Overlap([[p for p, _ in self.pairs(b)] for b in self._buckets], self.vote_bucket, **how)
+
+    def stop_launching(self) -> None:
+        """No more buckets start during backward: gradient hooks removed, DDP hooks detached."""
         if self._overlap is not None:
             self._overlap.remove()
             self._overlap = None
-        return self._server.close() if self._server is not None else None
+        stops, self._on_stop = self._on_stop, []
+        for stop in stops:
+            stop()
 
     def _state_extra(self) -> dict[str, int]:
         return {"world_size": self.world_size, "rank": self.rank}

@@ -1,4 +1,4 @@
-"""Overlap: a bucket's sign step and exchange start from gradient hooks during backward.
+"""Overlap: a bucket's sign step and exchange start during backward, as its gradients arrive.
 
 Every rank launches the buckets in one fixed order (last bucket first, as backward meets
 them), each as soon as all its gradients are in and every bucket before it in that order
@@ -8,9 +8,11 @@ results. The sign step runs before the ranks agree on the step (a NaN somewhere,
 without gradients anywhere), so the new momentum waits in a buffer until step() commits
 it: results equal the non-overlapped step's, bit for bit.
 
-On CUDA the buckets run on a side stream, so they overlap the rest of the backward pass;
-on the CPU (Gloo) the exchange runs inside the hook, which orders but does not overlap.
-One backward per step: a gradient that changes after its bucket left raises.
+What says a gradient is final: with ``overlap=True``, a post-accumulate-grad hook per
+parameter; under DDP (dlion.attach), the DDP communication hook, once per DDP bucket
+(``ready``). On CUDA the buckets run on a side stream, so they overlap the rest of the
+backward pass; on the CPU (Gloo) the exchange runs inside the hook, which orders but does
+not overlap. One backward per step: a gradient that changes after its bucket left raises.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class Overlap:
         self,
         params: Sequence[Sequence[torch.Tensor]],
         launch: Callable[[int, list[torch.Tensor | None]], Voted],
+        *,
+        hooks: bool = True,
+        accumulate: str = "use overlap=False",
     ) -> None:
         self._params = [list(ps) for ps in params]  # per bucket
         self._launch = launch
@@ -39,19 +44,34 @@ class Overlap:
         self.armed = False  # set after the first step, once the fingerprint exchange is done
         first = self._params[0][0]
         self._side = torch.cuda.Stream(first.device) if first.is_cuda else None
-        self._handles = [
-            p.register_post_accumulate_grad_hook(partial(self._on_grad, k, i))
-            for k, ps in enumerate(self._params)
-            for i, p in enumerate(ps)
-        ]
+        self._slot = {id(p): (k, i) for k, ps in enumerate(self._params) for i, p in enumerate(ps)}
+        self._accumulate = accumulate  # what a user who accumulates gradients should do instead
+        self._handles = (
+            [
+                p.register_post_accumulate_grad_hook(partial(self._on_grad, k, i))
+                for k, ps in enumerate(self._params)
+                for i, p in enumerate(ps)
+            ]
+            if hooks
+            else []
+        )
+
+    def ready(self, params: Sequence[torch.Tensor]) -> None:
+        """These parameters' gradients are final for this step (parameters the optimizer
+        does not hold are none of its business)."""
+        for p in params:
+            slot = self._slot.get(id(p))
+            if slot is not None:
+                self._on_grad(*slot, p)
 
     def _on_grad(self, k: int, i: int, _param: torch.Tensor) -> None:
         if not self.armed:
             return
         if k in self._voted:
             raise RuntimeError(
-                f"the gradient of bucket {k} changed after its exchange started: overlap=True "
-                "takes one backward per optimizer step (for gradient accumulation use overlap=False)"
+                f"the gradient of bucket {k} changed after its exchange started: the vote starts "
+                f"during backward, so one backward per optimizer step (to accumulate gradients, "
+                f"{self._accumulate})"
             )
         self._ready[k].add(i)
         while self._next < len(self._order) and len(self._ready[self._order[self._next]]) == len(

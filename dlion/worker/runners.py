@@ -16,15 +16,17 @@ sign step before the ranks agree that the step goes ahead).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
 from dlion.compress.buckets import Bucket
 from dlion.compress.sign_ops import SignOps
-from dlion.worker.checks import all_finite_flag
+from dlion.worker.checks import all_finite_flag, first_nonfinite
+from dlion.worker.lion import lion_group_update
 
 # Where a bucket may be flat. Tests add "cpu" to run FlatRunner in Numba's CUDA simulator.
 FLAT_DEVICES: tuple[str, ...] = ("cuda",)
@@ -163,6 +165,28 @@ def stage_all(
         staged.append(runner.stage(grads))
     flat = [s for s in staged if s is not None]
     return all_finite_flag(flat) if flat and len(flat) == len(staged) else None
+
+
+def lion_alone(
+    runners: Sequence[Runner],
+    bucket_grads: Sequence[Sequence[Tensor | None]],
+    grads: Sequence[Tensor | None],
+    tensors: Callable[[], list[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]],
+    cautious: bool,
+) -> int:
+    """Plain Lion over every bucket (a world of one); the first non-finite gradient's index,
+    with nothing written, or -1. With every bucket flat and every gradient there, the finite
+    check stays on the device and gates the kernels; the host reads it after every launch.
+    ``tensors()``: (param, grad, momentum, group) of each tensor with a gradient."""
+    ok = stage_all(runners, bucket_grads)
+    if ok is not None and all(g is not None for g in grads):
+        for r in runners:
+            r.lion(ok, cautious)
+        return -1 if bool(ok) else first_nonfinite(grads)
+    bad = first_nonfinite(grads)
+    if bad < 0:
+        lion_group_update(tensors(), cautious)
+    return bad
 
 
 def can_be_flat(params: Sequence[torch.Tensor]) -> bool:

@@ -1,0 +1,138 @@
+"""``dlion.attach``: Distributed Lion inside DistributedDataParallel, as a communication hook.
+
+DDP all-reduces fp32 gradients, bucket by bucket, as backward produces them; with
+DistributedLion as the optimizer that spends 4 bytes per parameter per step for nothing (every
+rank then votes on the same averaged gradient). ``attach(ddp_model, optimizer)`` registers a
+DDP communication hook that replaces the all-reduce:
+
+1. DDP calls the hook once per DDP bucket, in bucket order on every rank, when the bucket's
+   gradients are final. The hook sends nothing and hands DDP back the bucket unchanged, so
+   each ``p.grad`` stays this rank's own gradient.
+2. It tells the optimizer which parameters are final. Every DistributedLion bucket they
+   complete starts its sign step, exchange and vote at once (``vote_bucket``), in one fixed
+   order on every rank, so the collectives pair up across ranks whatever the timing; its new
+   momentum waits (dlion.worker.overlap). DDP's buckets can differ from DistributedLion's
+   and be rebuilt after the first iteration: the optimizer tracks parameters, not buckets.
+3. ``optimizer.step()`` agrees on the step (NaN, absent gradients), launches what backward did
+   not, and applies the votes; a skipped step drops the waiting momentum.
+
+Results equal DistributedLion's without DDP, bit for bit. The first step runs whole in
+step(), which checks the fingerprint first. With backend "server" (or MPI, or nothing to
+send) the hook only silences DDP and the vote runs in step(). Gradient accumulation goes
+under ``model.no_sync()``, where DDP calls no hook. ``detach()`` (or ``optimizer.close()``)
+gives DDP back its default all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dlion.worker.distributed_lion import DistributedLion
+from dlion.worker.overlap import Overlap
+
+
+@dataclass
+class HookState:
+    """What the hook holds. ``launcher`` None: the vote waits for step()."""
+
+    optimizer: DistributedLion
+    launcher: Overlap | None
+    process_group: dist.ProcessGroup | None  # DDP's, for its default all-reduce after detach
+    attached: bool = True
+
+    def detach(self) -> None:
+        self.attached = False
+
+
+def dlion_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The DDP communication hook: no all-reduce; the bucket's parameters are final."""
+    if not state.attached:
+        return allreduce_hook(state.process_group, bucket)  # type: ignore[arg-type]
+    if state.launcher is not None:
+        state.launcher.ready(bucket.parameters())
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
+
+
+# DDP checks the hook's annotations as objects; this module's are strings (postponed).
+dlion_hook.__annotations__ = {
+    "state": HookState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+class Attachment:
+    """The handle ``attach`` returns: ``detach()`` restores DDP's all-reduce."""
+
+    def __init__(self, ddp: DDP, optimizer: DistributedLion, state: HookState) -> None:
+        self.ddp, self.optimizer, self.state = ddp, optimizer, state
+
+    @property
+    def attached(self) -> bool:
+        return self.state.attached
+
+    def detach(self) -> None:
+        self.state.detach()
+        self.optimizer.stop_launching()
+
+
+def find_ddp(model: torch.nn.Module) -> DDP:
+    """``model`` if it is a DDP module, else the first DDP module it holds."""
+    if isinstance(model, DDP):
+        return model
+    found = None
+    if isinstance(model, torch.nn.Module):
+        found = next((m for m in model.modules() if isinstance(m, DDP)), None)
+    if found is None:
+        raise ValueError(
+            f"dlion.attach needs a DistributedDataParallel model (or a module holding one), got "
+            f"{type(model).__name__}; without DDP, DistributedLion needs no hook"
+        )
+    return found
+
+
+def unwrap_optimizer(optimizer: Any) -> DistributedLion:
+    """The DistributedLion inside a framework's wrapper (Accelerate's, Lightning's)."""
+    seen = optimizer
+    for _ in range(4):
+        if isinstance(seen, DistributedLion):
+            return seen
+        seen = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+    raise ValueError(f"dlion.attach needs a dlion.DistributedLion optimizer, got {type(optimizer).__name__}")
+
+
+def attach(model: torch.nn.Module, optimizer: Any) -> Attachment:
+    """Replace DDP's gradient all-reduce with DistributedLion's vote (see the module doc).
+
+    ``model``: a DistributedDataParallel module, or one that holds one (Accelerate's and
+    Lightning's wrapped models are DDP). ``optimizer``: a DistributedLion over the model's
+    parameters, or a framework's wrapper of one. Call before the first backward.
+    """
+    ddp, opt = find_ddp(model), unwrap_optimizer(optimizer)
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    orphan = next(
+        (n for n, p in ddp.module.named_parameters() if p.requires_grad and id(p) not in held), None
+    )
+    if orphan is not None:
+        raise ValueError(
+            f"parameter {orphan!r} of the DDP model is not in the DistributedLion optimizer: with the "
+            "hook DDP no longer averages its gradient; give the optimizer every trained parameter"
+        )
+    group = ddp.process_group
+    if opt.world_size != dist.get_world_size(group):
+        raise ValueError(
+            f"the optimizer's group has {opt.world_size} ranks, DDP's has {dist.get_world_size(group)}: "
+            "build DistributedLion over the same process group as DDP"
+        )
+    state = HookState(opt, None, group)
+    state.launcher = opt.launch_on_ready(on_stop=state.detach)
+    ddp.register_comm_hook(state, dlion_hook)
+    return Attachment(ddp, opt, state)
