@@ -1,0 +1,180 @@
+"""One rank of a framework run, under torchrun: a tiny GPT-2 (transformers' config classes, no
+download) on byte windows of Python's standard library, trained by DistributedLion attached
+to the framework's DDP model, or by plain fp32 DDP + AdamW for the reference.
+
+    torchrun --standalone --nproc-per-node 2 tests/frameworks_job.py FRAMEWORK OUT_DIR
+
+FRAMEWORK: hf (Trainer + dlion.integrations.hf), lightning (dlion.integrations.lightning),
+accelerate (dlion.attach(accelerator.prepare(model), opt)) or ddp-fp32 (no dlion). Each rank
+writes OUT_DIR/rank<r>.json: losses, a parameter hash, the ledger, and on rank 0 the loopback
+interface's bytes (this network namespace's wire) at steps FROM and TO, read after a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STEPS, FROM, TO = 16, 4, 16
+BATCH, CONTEXT = 8, 32
+
+
+def model() -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=128, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(config)
+
+
+class Windows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __init__(self) -> None:
+        from dlion.train.data import CorpusConfig, load_corpus
+
+        self.data = load_corpus(CorpusConfig(max_bytes=200_000)).train.long()
+
+    def __len__(self) -> int:
+        return (self.data.numel() - 1) // CONTEXT
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.data[i * CONTEXT : (i + 1) * CONTEXT]
+        return {"input_ids": x, "labels": x}
+
+
+class Probe:
+    """Losses, and the namespace's loopback bytes at steps FROM and TO (all ranks in step)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.lo: dict[int, int] = {}
+
+    def step_done(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if step in (FROM, TO):
+            dist.barrier()
+            self.lo[step] = lo_tx_bytes()
+
+
+def lo_tx_bytes() -> int:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[8])
+    raise RuntimeError("no lo in /proc/net/dev")
+
+
+def run_hf(probe: Probe, out: Path) -> tuple[Any, Any]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from dlion.integrations.hf import DistributedLionCallback, create_optimizer
+
+    class Steps(TrainerCallback):  # type: ignore[misc]
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                probe.step_done(state.global_step, float(logs["loss"]))
+
+    args = TrainingArguments(
+        output_dir=str(out / "hf"), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=3e-3,
+        weight_decay=0.1, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
+        ddp_backend="gloo", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        ddp_find_unused_parameters=False,  # else DDP all-reduces a map of unused parameters every step
+    )  # fmt: skip
+    net = model()
+    trainer = Trainer(net, args, train_dataset=Windows(), callbacks=[DistributedLionCallback(), Steps()])
+    trainer.optimizer = create_optimizer(trainer, backend="sharded")
+    trainer.train()
+    return net, trainer.optimizer
+
+
+def run_lightning(probe: Probe, out: Path) -> tuple[Any, Any]:
+    import lightning.pytorch as pl
+
+    import dlion
+    from dlion.integrations.lightning import DistributedLionCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model()
+
+        def training_step(self, batch: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+            return self.net(**batch).loss
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, i: int) -> None:
+            probe.step_done(self.trainer.global_step, float(outputs["loss"]))
+
+        def configure_optimizers(self) -> Any:
+            return dlion.DistributedLion(self.parameters(), lr=3e-3, weight_decay=0.1, backend="sharded")
+
+    tiny = Tiny()
+    loader = torch.utils.data.DataLoader(Windows(), batch_size=BATCH, shuffle=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, callbacks=[DistributedLionCallback()],
+        enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(out / "pl"),
+    )  # fmt: skip
+    trainer.fit(tiny, loader)
+    return tiny.net, trainer.optimizers[0]
+
+
+def run_accelerate(probe: Probe, out: Path, *, dlion_hook: bool = True) -> tuple[Any, Any]:
+    from accelerate import Accelerator
+
+    import dlion
+
+    accelerator = Accelerator(cpu=True)
+    net = model()
+    if dlion_hook:
+        opt: Any = dlion.DistributedLion(net.parameters(), lr=3e-3, weight_decay=0.1, backend="sharded")
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(Windows(), batch_size=BATCH, shuffle=True)
+    ddp, opt, loader = accelerator.prepare(net, opt, loader)
+    if dlion_hook:
+        dlion.attach(ddp, opt)
+    batches = iter(loader)
+    for step in range(1, STEPS + 1):
+        loss = ddp(**next(batches)).loss
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        probe.step_done(step, float(loss))
+    return net, opt
+
+
+def main() -> None:
+    framework, out = sys.argv[1], Path(sys.argv[2])
+    if framework in ("accelerate", "ddp-fp32"):
+        dist.init_process_group("gloo")  # Accelerate takes the group torchrun's variables describe
+    probe = Probe()
+    runs = {"hf": run_hf, "lightning": run_lightning, "accelerate": run_accelerate}
+    if framework == "ddp-fp32":
+        net, opt = run_accelerate(probe, out, dlion_hook=False)
+    else:
+        net, opt = runs[framework](probe, out)
+    rank = dist.get_rank()
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.parameters()))
+    inner = getattr(opt, "optimizer", opt)
+    ledger = inner.ledger.step_bytes() if hasattr(inner, "ledger") else None
+    record = {
+        "losses": probe.losses,
+        "params": digest.hexdigest(),
+        "n_params": sum(p.numel() for p in net.parameters()),
+        "step_bytes": ledger,
+        "lo": probe.lo,
+        "world": dist.get_world_size(),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    os._exit(0)  # skip interpreter teardown: nothing left to do
+
+
+if __name__ == "__main__":
+    main()
