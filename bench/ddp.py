@@ -59,7 +59,8 @@ class DDPBenchConfig:
 
 def run_variant(cfg: DDPBenchConfig, variant: str) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="dlion-ddp-") as tmp:
-        argv = (variant, tmp, str(cfg.warmup), str(cfg.steps), str(cfg.d_model), str(cfg.layers))
+        ifname = "lo" if cfg.local else "eth0"
+        argv = (variant, tmp, str(cfg.warmup), str(cfg.steps), str(cfg.d_model), str(cfg.layers), ifname)
         if cfg.local:
             cmd = [
                 sys.executable,

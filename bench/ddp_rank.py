@@ -1,4 +1,4 @@
-"""One rank of the DDP benchmark: ``python -m bench.ddp_rank VARIANT OUT_DIR WARMUP STEPS D_MODEL LAYERS``.
+"""One rank of the DDP benchmark: ``python -m bench.ddp_rank VARIANT OUT WARMUP STEPS D_MODEL LAYERS IFNAME``.
 
 Every rank trains the same byte-level transformer (dlion.train.model.ByteGPT) on its own
 batches; only the way gradients meet differs by VARIANT:
@@ -10,8 +10,8 @@ batches; only the way gradients meet differs by VARIANT:
   dlion           DistributedLion (sharded) without DDP
 
 After WARMUP untimed steps (compilation, DDP's bucket rebuild, PowerSGD's warm-up), STEPS
-steps are timed whole (forward, backward, step), each between barriers; the interface's
-bytes (eth0 inside an emulated host, else lo) are read before and after them. Each rank
+steps are timed whole (forward, backward, step), each between barriers; the bytes sent on
+IFNAME (eth0 inside an emulated host, lo on one machine) are read before and after them. Each rank
 writes OUT_DIR/rank<r>.json.
 """
 
@@ -31,15 +31,13 @@ import torch.distributed as dist
 BATCH, CONTEXT = 8, 128
 
 
-def interface_tx() -> tuple[str, int]:
-    """This network namespace's sent bytes: eth0 on an emulated host, else loopback."""
-    rows = {
-        name.strip(): int(rest.split()[8])
-        for name, sep, rest in (ln.partition(":") for ln in Path("/proc/net/dev").read_text().splitlines())
-        if sep
-    }
-    name = "eth0" if "eth0" in rows else "lo"
-    return name, rows[name]
+def interface_tx(ifname: str) -> int:
+    """Bytes sent on ``ifname`` in this network namespace."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, sep, rest = line.partition(":")
+        if sep and name.strip() == ifname:
+            return int(rest.split()[8])
+    raise RuntimeError(f"no interface {ifname!r} in /proc/net/dev")
 
 
 def build(variant: str, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
@@ -68,6 +66,7 @@ def build(variant: str, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
 def main() -> None:
     variant, out = sys.argv[1], Path(sys.argv[2])
     warmup, steps, d_model, layers = (int(x) for x in sys.argv[3:7])
+    ifname = sys.argv[7]
     from dlion.train.data import BatchSampler, CorpusConfig, load_corpus
     from dlion.train.dist import set_thread_counts
     from dlion.train.model import ByteGPT, ModelConfig
@@ -83,7 +82,7 @@ def main() -> None:
     for step in range(warmup + steps):
         if step == warmup:
             dist.barrier()
-            ifname, tx0 = interface_tx()
+            tx0 = interface_tx(ifname)
         dist.barrier()
         t0 = time.perf_counter()
         x, y = sampler.next()
@@ -95,7 +94,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
     dist.barrier()
-    _, tx1 = interface_tx()
+    tx1 = interface_tx(ifname)
     ledger = getattr(opt, "ledger", None)
     record = {
         "variant": variant,
