@@ -8,6 +8,7 @@ roll call (dlion.transport.liveness), the ranks that are gone; never a silent ha
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from dlion.transport.liveness import absent_text, roll_call
 
 # torch 2.13 renamed all_gather_into_tensor; the older name serves torch 2.4 to 2.12.
 _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# How many finished collectives a comm keeps alive (see TorchComm._wait).
+RETAINED_WORKS = 16
 
 
 class TorchComm:
@@ -34,6 +37,7 @@ class TorchComm:
         self.world_size = dist.get_world_size(group)
         self.timeout = timeout
         self._pool: ThreadPoolExecutor | None = None
+        self._retained: deque[dist.Work] = deque(maxlen=RETAINED_WORKS)
         # NCCL moves only CUDA tensors; Gloo takes CPU tensors (and stages CUDA ones).
         backend = dist.get_backend(group)
         self.device = (
@@ -43,6 +47,12 @@ class TorchComm:
     def _wait(self, work: dist.Work | None, what: str, deadline: float | None = None) -> None:
         if work is None:
             return
+        # Gloo's worker thread drops its reference to a work just after finishing it. If that
+        # is the last one, the work dies on that thread and decrefs the Python tensors it
+        # holds, which needs the GIL: at interpreter exit, a thread that asks for the GIL is
+        # ended mid-destructor, and the process aborts ("terminate called without an active
+        # exception"). Keeping the last works here makes the main thread their last owner.
+        self._retained.append(work)
         if deadline is None:
             deadline = deadline_of(self.timeout)
         try:
