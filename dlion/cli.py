@@ -21,6 +21,7 @@ from dlion.report.cli import main as report_main
 from dlion.run.local import launch_local
 from dlion.run.mpi import launch_mpi
 from dlion.train.args import add_train_arguments, config_from_args
+from dlion.train.output import check_out, out_dir
 from dlion.worker.catalogue import default_workers, entry
 
 DEFAULT_WORKERS = 4
@@ -58,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         workers = default_workers(cfg.optimizer, args.workers, DEFAULT_WORKERS)
         entry(cfg.optimizer).check_world_size(workers, "--workers")
+    except ValueError as e:
+        train.error(str(e))
+    try:  # the report's folder, before any process starts
+        check_out(out_dir(cfg, workers), overwrite=cfg.overwrite)
     except ValueError as e:
         train.error(str(e))
     # A dedicated parameter server is one process more than the workers: the last rank.

@@ -140,7 +140,9 @@ class Ledger:
         return self._sent, self._received
 
     def summary(self) -> dict[str, Any]:
-        """Totals in bytes and the bits per parameter per step, up and down."""
+        """Totals in bytes (one-off messages outside steps included), and the bits per
+        parameter per step, up and down, over the steps alone: a run's handshakes and its
+        first broadcast of the parameters do not read as a per-step cost."""
         sent, received = self.totals()
         steps = self.n_steps
         denom = max(1, steps) * max(1, self.n_params)
@@ -149,10 +151,10 @@ class Ledger:
             "n_params": self.n_params,
             "bytes_sent": sent.bits // 8,
             "bytes_received": received.bits // 8,
-            "bits_per_param_up": sent.bits / denom,
-            "bits_per_param_down": received.bits / denom,
-            "sent_bytes_by_kind": {k: getattr(sent, k) / 8 for k in KINDS},
-            "received_bytes_by_kind": {k: getattr(received, k) / 8 for k in KINDS},
+            "bits_per_param_up": sum(self._step_bits[0::2]) / denom,
+            "bits_per_param_down": sum(self._step_bits[1::2]) / denom,
+            "sent_bytes_by_kind": _whole_bytes(sent),
+            "received_bytes_by_kind": _whole_bytes(received),
             "collectives_per_step": self._collectives / steps if steps else 0.0,
         }
 
@@ -180,6 +182,30 @@ class Ledger:
         self._sent, self._received = Traffic(*map(int, sent)), Traffic(*map(int, received))
         self._collectives = int(state["collectives"])
         self._step_bits = array("q", map(int, state["step_bits"]))
+
+
+def _whole_bytes(t: Traffic) -> dict[str, int]:
+    """Bytes by kind, whole: every kind but the payload rounded down, the payload the rest,
+    so the kinds add up to the total."""
+    out = {k: getattr(t, k) // 8 for k in KINDS[1:]}
+    return {"payload": t.bits // 8 - sum(out.values()), **out}
+
+
+def fp32_ring_bits_per_param(world_size: int) -> float:
+    """What a ring all-reduce of fp32 gradients sends (and receives) per parameter per step,
+    each way, at N ranks: 2 (N-1)/N x 32 bits; 0 for one rank."""
+    return 64 * (world_size - 1) / world_size if world_size > 1 else 0.0
+
+
+def saving(summary: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """A ledger summary beside fp32 all-reduce at the same N: the reference bits per parameter
+    each way, and how many times fewer the heavier of this run's two directions carries."""
+    ref = fp32_ring_bits_per_param(world_size)
+    heavier = max(float(summary["bits_per_param_up"]), float(summary["bits_per_param_down"]))
+    return {
+        "fp32_allreduce_bits_per_param": ref,
+        "fewer_than_fp32": ref / heavier if heavier > 0 and ref else None,
+    }
 
 
 def _record_row(r: CollectiveRecord) -> list[Any]:

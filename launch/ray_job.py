@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
         parser.error(f"Ray Train is not installed ({e}); pip install -e '.[ray]'")
 
-    from dlion.train.loop import publish
+    from dlion.train.output import publish
 
     os.environ.setdefault(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
     name = (

@@ -62,7 +62,7 @@ def _train(
                     loss = loss * float("nan")
                 loss.backward()
         grads_local.append(model[0].weight.grad.clone())  # type: ignore[union-attr]
-        launcher = opt._overlap
+        launcher = opt.launching.launcher
         launched.append(launcher._next if launcher is not None else -1)  # buckets voted in backward
         opt.step()
     opt.close()

@@ -76,7 +76,7 @@ def test_mpi_killed_rank_ends_the_job_naming_it(tmp_path: Path) -> None:
     _mpiexec()
     from test_train import TINY, _run
 
-    from dlion.train.loop import FAULT_KIND_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
+    from dlion.train.faults import FAULT_KIND_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
 
     cmd = [
         sys.executable,

@@ -19,7 +19,7 @@ import torch
 from test_train import TINY, _run
 
 from dlion.train.checkpoint import rank_file
-from dlion.train.loop import FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
+from dlion.train.faults import FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="needs Ray Train: pip install -e '.[ray]'"

@@ -143,15 +143,20 @@ def test_markdown_table(run_dirs: list[Path]) -> None:
     table = markdown_table([summarize(g) for g in group_runs(load_runs(run_dirs))])
     lines = table.splitlines()
     assert lines[0] == (
-        "| optimizer | backend | workers | seeds | steps | final val loss | min-max | bits/param/step up "
-        "| down | MB sent/worker | s/step | wall s | iface MB sent/host | iface/ledger |"
+        "| optimizer | backend | workers | runs (seeds) | steps | final val loss | min-max "
+        "| bits/param/step up | down | fp32 all-reduce | x fewer | MB sent/worker | s/step | wall s "
+        "| iface MB sent/host | iface/ledger |"
     )
     assert lines[2] == (
-        "| dlion-mavo | allgather | 2 | 0, 1 | 4 | 2.2000 | 2.0000 to 2.4000 | 1.0000 | 1.0000 | 0.00042 "
-        "| 0.469 | 10.5 | - | - |"
+        "| dlion-mavo | allgather | 2 | 2 (0, 1) | 4 | 2.2000 | 2.0000 to 2.4000 | 1.0000 | 1.0000 "
+        "| 32.0 | 32.0 | 0.00042 | 0.469 | 10.5 | - | - |"
     )
-    assert lines[3].startswith("| adamw-global | - | 2 | 0, 1 | 4 | 1.6000 | 1.5000 to 1.7000 | 48.0000 |")
-    assert lines[4].startswith("| dlion-mavo | sharded | 2 | 0 | 4 | 2.1000 | - |")
+    # fp32 all-reduce at N = 2 is 32 bits each way: the fp32 baseline's 48 bits are 0.7x "fewer".
+    assert lines[3].startswith(
+        "| adamw-global | - | 2 | 2 (0, 1) | 4 | 1.6000 | 1.5000 to 1.7000 | 48.0000 |"
+    )
+    assert "| 32.0 | 0.7 |" in lines[3]
+    assert lines[4].startswith("| dlion-mavo | sharded | 2 | 1 (0) | 4 | 2.1000 | - |")
     assert lines[4].endswith("| 1.50 | 1.250 |")
     assert "min-max" in lines[-1] and "rank 0's ledger" in lines[-1]
     plain = markdown_table([summarize(g) for g in group_runs(load_runs(run_dirs[:2]))])
@@ -167,7 +172,9 @@ def test_cli_writes_table_summary_and_plots(
     # A folder of runs, one run given twice (once as its report.json): each read once.
     assert main([str(run_dirs[0].parent), str(run_dirs[0] / "report.json"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| dlion-mavo | allgather | 2 | 0, 1 |" in printed and "4 configurations from 6 runs" in printed
+    assert (
+        "| dlion-mavo | allgather | 2 | 2 (0, 1) |" in printed and "4 configurations from 6 runs" in printed
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["spread"] == "min-max over seeds"
     assert [r["label"] for r in summary["rows"]] == [
@@ -179,7 +186,7 @@ def test_cli_writes_table_summary_and_plots(
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000, name
         assert f"({name})" in md
-    assert "| adamw-global | - | 2 | 0, 1 |" in md
+    assert "| adamw-global | - | 2 | 2 (0, 1) |" in md
 
 
 @pytest.mark.parametrize(
@@ -226,7 +233,7 @@ def test_a_classifier_shows_its_task_and_accuracy(run_dirs: list[Path], tmp_path
     assert [(r["task"], r["final_val_accuracy"]) for r in rows] == [("bytes", None), ("digits", 0.9)]
     lines = markdown_table(rows).splitlines()
     assert lines[0].startswith("| task | optimizer |") and "| val accuracy |" in lines[0]
-    assert lines[3].startswith("| digits | dlion-mavo | allgather | 2 | 0 | 4 | 0.3000 | - | 0.9000 |")
+    assert lines[3].startswith("| digits | dlion-mavo | allgather | 2 | 1 (0) | 4 | 0.3000 | - | 0.9000 |")
     assert "cross-entropy, nats" in lines[-1] and "per byte" not in lines[-1]
 
 

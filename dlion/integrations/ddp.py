@@ -34,15 +34,13 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dlion.worker.distributed_lion import DistributedLion
-from dlion.worker.overlap import Overlap
 
 
 @dataclass
 class HookState:
-    """What the hook holds. ``launcher`` None: the vote waits for step()."""
+    """What the hook holds."""
 
     optimizer: DistributedLion
-    launcher: Overlap | None
     process_group: dist.ProcessGroup | None  # DDP's, for its default all-reduce after detach
     attached: bool = True
 
@@ -54,8 +52,7 @@ def dlion_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Futur
     """The DDP communication hook: no all-reduce; the bucket's parameters are final."""
     if not state.attached:
         return allreduce_hook(state.process_group, bucket)  # type: ignore[arg-type]
-    if state.launcher is not None:
-        state.launcher.ready(bucket.parameters())
+    state.optimizer.launching.ready(bucket.parameters())
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(bucket.buffer())
     return done
@@ -81,7 +78,7 @@ class Attachment:
 
     def detach(self) -> None:
         self.state.detach()
-        self.optimizer.stop_launching()
+        self.optimizer.launching.stop()
 
 
 def find_ddp(model: torch.nn.Module) -> DDP:
@@ -132,7 +129,8 @@ def attach(model: torch.nn.Module, optimizer: Any) -> Attachment:
             f"the optimizer's group has {opt.world_size} ranks, DDP's has {dist.get_world_size(group)}: "
             "build DistributedLion over the same process group as DDP"
         )
-    state = HookState(opt, None, group)
-    state.launcher = opt.launch_on_ready(on_stop=state.detach)
+    state = HookState(opt, group)
+    opt.launching.attach_ddp(on_stop=state.detach)
+    opt._params_changed()  # a launcher for DDP's hook, where buckets can start in backward
     ddp.register_comm_hook(state, dlion_hook)
     return Attachment(ddp, opt, state)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlion.ledger import fp32_ring_bits_per_param
 from dlion.report.runs import Group
 from dlion.report.table import SPREAD, loss_unit
 
@@ -99,9 +100,24 @@ def plots(groups: Sequence[Group], out: Path) -> list[Path]:
 
 
 def _bits_chart(plt: Any, groups: Sequence[Group], path: Path) -> Path:
-    """Bits per parameter per step, up and down, one pair of bars per configuration."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 5))
+    """Bits per parameter per step, up and down, one pair of bars per configuration, and what
+    a ring all-reduce of fp32 gradients would send at the same N (log scale)."""
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(groups) + 2), 5))
     labels = [g.label for g in groups]
+    ref = [fp32_ring_bits_per_param(g.first.world_size) for g in groups]
+    for i, r in enumerate(ref):
+        if r > 0:
+            ax.hlines(
+                r,
+                i - 0.45,
+                i + 0.45,
+                color="k",
+                linewidth=2,
+                label="fp32 all-reduce, same N" if i == 0 else None,
+            )
+            ax.annotate(
+                f"{r:.0f}", (i, r), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7
+            )
     for k, (direction, offset) in enumerate((("up", -0.2), ("down", 0.2))):
         values = [
             statistics.fmean(float(r.ledger[f"bits_per_param_{direction}"]) for r in g.runs) for g in groups
@@ -110,10 +126,11 @@ def _bits_chart(plt: Any, groups: Sequence[Group], path: Path) -> Path:
         ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7)
     ax.set_xticks(range(len(groups)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("bits per parameter per step (rank 0 ledger)")
+    ax.set_yscale("log")
     ax.set_title(
-        "Communication per optimizer step: bits per parameter, up (sent) and down (received)", fontsize=11
+        "Bits per parameter per step, up (sent) and down (received)\nbeside fp32 ring all-reduce", fontsize=10
     )
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(plt, fig, path)
 

@@ -35,7 +35,9 @@ DEFAULT_OUT = Path("runs/report")
 REQUIRED = ("config", "val_loss", "final_val_loss", "step_bytes", "ledger", "step_time_s", "wall_time_s")
 LEDGER_KEYS = ("bytes_sent", "bits_per_param_up", "bits_per_param_down")
 # Config fields that do not change what is trained, so runs differing in them are pooled.
-RUN_LOCAL = frozenset(("seed", "out", "checkpoint_dir", "checkpoint_every", "timeout_s", "platform"))
+RUN_LOCAL = frozenset(
+    ("seed", "out", "overwrite", "checkpoint_dir", "checkpoint_every", "timeout_s", "platform")
+)
 RUN_LOCAL |= {"torch_version", "dlion_version", "python_version"}
 # Only these optimizers run a vote or a gather whose place the backend picks.
 BACKEND_USERS = frozenset(e.name for e in CATALOGUE.values() if e.backends)

@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dlion.ledger import saving
 from dlion.report.runs import Group
 
 SPREAD = "min-max over seeds"
@@ -44,6 +45,7 @@ def summarize(group: Group) -> dict[str, Any]:
         "final_val_accuracy": None,
         "network": None,
     }
+    row.update(saving(row, group.first.world_size))  # beside fp32 ring all-reduce at the same N
     accuracy = [r.final_val_accuracy for r in runs if r.final_val_accuracy is not None]
     if accuracy:
         row["final_val_accuracy"] = mean(accuracy)
@@ -86,13 +88,15 @@ _COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("backend", lambda r: r["backend"]),
     ("workers", lambda r: str(r["workers"])),
     ("settings", lambda r: " ".join(f"{k}={v}" for k, v in r["differs"].items()) or "-"),
-    ("seeds", lambda r: ", ".join(map(str, r["seeds"]))),
+    ("runs (seeds)", lambda r: f"{len(r['seeds'])} ({', '.join(map(str, r['seeds']))})"),
     ("steps", lambda r: str(r["steps"])),
     ("final val loss", lambda r: _f(r["final_val_loss"]["mean"], ".4f")),
     ("min-max", _loss_range),
     ("val accuracy", lambda r: _f(r["final_val_accuracy"], ".4f")),
     ("bits/param/step up", lambda r: _f(r["bits_per_param_up"], ".4f")),
     ("down", lambda r: _f(r["bits_per_param_down"], ".4f")),
+    ("fp32 all-reduce", lambda r: _f(r["fp32_allreduce_bits_per_param"] or None, ".1f")),
+    ("x fewer", lambda r: _f(r["fewer_than_fp32"], ".1f")),
     ("MB sent/worker", lambda r: _mb(r["mb_sent_per_worker"])),
     ("s/step", lambda r: _f(r["step_time_s_mean"], ".3f")),
     ("wall s", lambda r: _f(r["wall_time_s"], ".1f")),
@@ -123,8 +127,10 @@ def markdown_table(rows: Sequence[Row]) -> str:
     lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
     note = (
         f"\nfinal val loss: {loss_unit(rows)}, mean over a row's runs (its seeds); min-max: the lowest and "
-        "highest of them. Bits and MB: rank 0's ledger (payload, padding and metadata). s/step: mean "
-        "step time on rank 0; wall s: the worker's whole run. Both times: mean over the runs."
+        "highest of them. Bits and MB: rank 0's ledger (payload, padding and metadata). fp32 all-reduce: "
+        "what a ring all-reduce of fp32 gradients sends per parameter each way at the same N; x fewer: "
+        "that over the heavier of up and down. s/step: mean step time on rank 0; wall s: the worker's "
+        "whole run. Both times: mean over the runs."
     )
     if net:
         note += (

@@ -95,8 +95,10 @@ class OptimizerSection:
 class CommSection:
     """How the workers communicate."""
 
-    backend: str = field(default="allgather", metadata=_choices(BACKENDS))
-    """where a vote or a gather runs: every rank on all bits, sharded, or a parameter server"""
+    backend: str | None = field(default=None, metadata=_choices(BACKENDS))
+    """where a vote or a gather runs: sharded (each rank votes a shard), every rank on all bits
+    (allgather), or a parameter server (default: the optimizer's: sharded for the votes,
+    allgather for terngrad and dgc)"""
     server: str = field(default="rank0", metadata=_choices(SERVER_PLACEMENTS))
     """with --backend server: the server on rank 0, or a dedicated process that trains nothing
     (one process more than the workers)"""
@@ -137,13 +139,17 @@ class RunSection:
     """a folder every rank can reach: checkpoint there, and resume from its latest checkpoint
     when there is one (default: no checkpoints)"""
     out: str | None = None
-    """report directory (default: runs/<optimizer>-w<world size>)"""
+    """report directory (default: runs/<task>-<optimizer>[-<backend>]-w<workers>-s<seed>)"""
+    overwrite: bool = False
+    """replace a finished run's report in --out (without it, such a folder is refused)"""
 
     def _check_run(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batches"):
             check_int(name, getattr(self, name), low=1)
         for name in ("seed", "checkpoint_every"):
             check_int(name, getattr(self, name), low=0)
+        if not isinstance(self.overwrite, bool):
+            raise ValueError(f"overwrite must be a bool, got {self.overwrite!r}")
 
 
 SECTIONS = (ModelSection, OptimizerSection, CommSection, RunSection)
@@ -156,6 +162,8 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
     def __post_init__(self) -> None:
         self._check_model()
         self._check_optimizer()
+        if self.backend is None:
+            object.__setattr__(self, "backend", entry(self.optimizer).default_backend)
         self._check_comm()
         self._check_run()
         if self.warmup_steps is None:
@@ -174,6 +182,7 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
         """The optimizer's arguments; ``comm`` adds what only a running job knows (process
         group, server link, timeout, byzantine)."""
         assert self.lr is not None and self.weight_decay is not None  # resolved when built
+        assert self.backend is not None  # resolved when built
         return BuildArgs(
             lr=self.lr,
             weight_decay=self.weight_decay,

@@ -9,8 +9,7 @@ own collectives all come after the last step: losses, ledgers and a parameter ch
 from __future__ import annotations
 
 import math
-import os
-import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -21,12 +20,15 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from dlion.compress.warm import warm_up
 from dlion.ledger import Ledger
 from dlion.server import ParameterServer, ServerLink, split_server
 from dlion.train import dist as tdist
 from dlion.train.args import parse_config
 from dlion.train.checkpoint import CheckpointStore, DirStore, TrainParts, load_parts, save_parts
 from dlion.train.config import TrainConfig
+from dlion.train.faults import inject_checkpoint_fault, inject_fault
+from dlion.train.output import check_out, out_dir, publish
 from dlion.train.progress import Progress
 from dlion.train.report import (
     RunRecord,
@@ -40,17 +42,6 @@ from dlion.train.tasks import build_task, evaluate
 from dlion.transport import make_comm
 from dlion.worker.byzantine import Byzantine
 from dlion.worker.catalogue import entry
-
-# Test hook: the rank named here raises at the step named (default 0), so tests can
-# check that the launcher stops the job and names the rank.
-FAULT_RANK_ENV = "DLION_FAULT_RANK"
-FAULT_STEP_ENV = "DLION_FAULT_STEP"
-# With this set to a path, the fault fires once: a restarted job (Ray, torchrun) goes on.
-FAULT_ONCE_ENV = "DLION_FAULT_ONCE_FILE"
-# "raise" (default): an exception the rank reports; "kill": SIGKILL, the rank says nothing;
-# "checkpoint-kill": SIGKILL while the checkpoint of that step is being written.
-FAULT_KIND_ENV = "DLION_FAULT_KIND"
-CHECKPOINT_KILL = "checkpoint-kill"
 
 # Collective records the job keeps per rank: enough to look at, bounded for long runs.
 LEDGER_RECORDS = 100
@@ -66,34 +57,6 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Any:
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _fault_due(rank: int, step: int) -> bool:
-    if os.environ.get(FAULT_RANK_ENV) != str(rank) or os.environ.get(FAULT_STEP_ENV, "0") != str(step):
-        return False
-    once = os.environ.get(FAULT_ONCE_ENV)
-    if once is not None:
-        try:  # the first process to create the file faults; a restarted one goes on
-            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-    return True
-
-
-def _inject_fault(rank: int, step: int) -> None:
-    """At the start of a step: raise, or SIGKILL this rank."""
-    kind = os.environ.get(FAULT_KIND_ENV, "raise")
-    if kind == CHECKPOINT_KILL or not _fault_due(rank, step):
-        return
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_RANK_ENV})")
-
-
-def _inject_checkpoint_fault(rank: int, step: int) -> None:
-    """SIGKILL this rank after it wrote its checkpoint files, before the others agree on them."""
-    if os.environ.get(FAULT_KIND_ENV) == CHECKPOINT_KILL and _fault_due(rank, step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(
@@ -116,6 +79,7 @@ def train(
         assert workers is not None  # a job with a dedicated server has a process group
         ctx = replace(ctx, world_size=workers.world_size, comm=workers)
         link, group = roles.link, roles.workers
+    _ready_kernels(announce=ctx.rank == 0)
     task = build_task(cfg, rank=ctx.rank, device=ctx.device)
     model, sampler = task.model, task.sampler
     args = cfg.build_args(
@@ -158,7 +122,7 @@ def train(
 
         def write(folder: Path) -> None:
             save_parts(folder, parts, step=step, rank=ctx.rank, world_size=ctx.world_size)
-            _inject_checkpoint_fault(ctx.rank, step)
+            inject_checkpoint_fault(ctx.rank, step)
             if report is not None:
                 write_report(report, folder)
 
@@ -170,7 +134,7 @@ def train(
     progress = Progress(cfg.steps, enabled=is_main)
     resources = ResourceLog()
     for step in range(rec.resumed_from_step + 1, cfg.steps + 1):
-        _inject_fault(ctx.rank, step - 1)
+        inject_fault(ctx.rank, step - 1)
         t0 = time.perf_counter()
         x, y = sampler.next()
         loss = model.loss(x.to(ctx.device), y.to(ctx.device))
@@ -249,6 +213,17 @@ def _serve(link: ServerLink) -> None:
     )
 
 
+def _ready_kernels(*, announce: bool) -> None:
+    """Compile (or load) the kernels before the first step, saying so when it takes a while."""
+    note = threading.Timer(3.0, print, ["dlion: compiling the kernels (first run here; Numba caches them)"])
+    if announce:
+        note.start()
+    took = warm_up()
+    note.cancel()
+    if announce and took > 3.0:
+        print(f"dlion: kernels ready in {took:.1f} s", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -275,6 +250,12 @@ def _main(argv: Sequence[str] | None) -> int:
         # A launch mistake, not a bug: a one-line message (exit status 1), no traceback.
         raise SystemExit(f"python -m dlion.train: error: {e}") from None
     try:
+        if ctx.rank == 0:  # the report's folder, before any work
+            workers = ctx.world_size - (1 if cfg.server == "dedicated" else 0)
+            try:
+                check_out(out_dir(cfg, workers), overwrite=cfg.overwrite)
+            except ValueError as e:
+                raise SystemExit(f"python -m dlion.train: error: {e}") from None
         tdist.set_thread_counts(ctx.local_world_size)
         report = train(cfg, ctx, started)
     finally:
@@ -282,19 +263,3 @@ def _main(argv: Sequence[str] | None) -> int:
     if report is not None:
         publish(report, cfg)
     return 0
-
-
-def publish(report: dict[str, Any], cfg: TrainConfig) -> Path:
-    """Write the report to ``cfg.out`` (default ``runs/<optimizer>-w<workers>``) and say so."""
-    workers = report["config"]["world_size"]  # a dedicated server is not a worker
-    out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"{cfg.optimizer}-w{workers}"
-    path = write_report(report, out)
-    ledger = report["ledger"]
-    print(
-        f"final val loss {report['final_val_loss']:.4f} | {report['wall_time_s']:.1f} s "
-        f"({report['step_time_s_mean']:.3f} s/step) | {ledger['bits_per_param_up']:.3f} bits/param up, "
-        f"{ledger['bits_per_param_down']:.3f} down | params identical across ranks: "
-        f"{report['params_identical_across_ranks']} | report: {path}",
-        flush=True,
-    )
-    return path

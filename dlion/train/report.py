@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dlion.ledger import KINDS
+from dlion.ledger import KINDS, saving
 from dlion.train.dist import DistContext, all_gather_rows
 
 # Ledger summary numbers gathered from every rank, in this order.
@@ -51,8 +51,10 @@ def _summary_from_row(row: list[float]) -> dict[str, Any]:
         k: int(v) if k in _INT_KEYS else v for k, v in zip(_SUMMARY_KEYS, row[:n], strict=True)
     }
     k = len(_KIND_KEYS)
-    out["sent_bytes_by_kind"] = dict(zip(_KIND_KEYS, row[n : n + k], strict=True))
-    out["received_bytes_by_kind"] = dict(zip(_KIND_KEYS, row[n + k : n + 2 * k], strict=True))
+    out["sent_bytes_by_kind"] = {key: int(v) for key, v in zip(_KIND_KEYS, row[n : n + k], strict=True)}
+    out["received_bytes_by_kind"] = {
+        key: int(v) for key, v in zip(_KIND_KEYS, row[n + k : n + 2 * k], strict=True)
+    }
     return out
 
 
@@ -123,6 +125,8 @@ def build_report(
         "final_val_accuracy": rec.val_accuracy[-1][1] if rec.val_accuracy else None,
         "step_bytes": [[s, r] for s, r in step_bytes],
         "ledger": ledgers[0],
+        # Rank 0's bits per parameter beside fp32 ring all-reduce's at the same N.
+        "saving": saving(ledgers[0], rec.world_size),
         "ledger_by_rank": ledgers,
         # A dedicated parameter server's own traffic (None when there is none).
         "server_ledger": server_ledger,

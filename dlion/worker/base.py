@@ -24,6 +24,7 @@ nothing sent, unless the subclass has a rule of its own for it (``_step_alone``)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from dlion.aggregate.meta import StepMeta, check_fingerprint, exchange_step_meta
+from dlion.aggregate.start import broadcast_from_rank0, verify_same_as_rank0
 from dlion.ledger import Ledger
 from dlion.transport import Comm, make_comm
 from dlion.worker.checks import dense_float_grads, first_nonfinite, raise_nonfinite
@@ -75,11 +77,13 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
                 raise TypeError(
                     f"{type(self).__name__} needs floating-point parameters; {self._names[i]} is {p.dtype}"
                 )
+        self._group = process_group  # the comm is made again at the first step if it was not now
         self._comm: Comm | None = make_comm(process_group, config.timeout, config.transport)
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self.steps_taken = 0  # steps that ran, skipped ones included: keys the draws
         self.skipped_steps = 0
-        self._checked = False  # the fingerprint exchange is done
+        self._checked = False  # the first step's exchanges (fingerprint, start) are done
+        self._buffers: list[torch.Tensor] = []  # modules' buffers that start equal too
 
     @property
     def world_size(self) -> int:
@@ -98,6 +102,8 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = run_closure(closure)
         grads = dense_float_grads(type(self).__name__, [p for p, _ in self._flat], self._names)
+        if not self._checked:
+            self._resolve_comm()
         comm = self._comm if self.communicates else None
         if comm is None and self._step_alone(grads):
             self.steps_taken += 1
@@ -166,6 +172,15 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
             params, text = [p for p, _ in self._flat], self._config_text()
             digests = check_fingerprint(comm, params, text, self.ledger, gradients=gradient_digest(grads))
             warn_if_averaged(digests, type(self).__name__, self.ledger.n_params)
+            tensors = [*params, *self._buffers]
+            if self.config.start == "broadcast":
+                broadcast_from_rank0(comm, tensors, self.ledger)
+            else:
+                names = [
+                    *self._names,
+                    *(f"buffer #{i} {tuple(b.shape)}" for i, b in enumerate(self._buffers)),
+                ]
+                verify_same_as_rank0(comm, tensors, names, self.ledger)
             self._first_contact(comm)
             self._checked = True
         present = np.array([g is not None for g in grads], dtype=bool)
@@ -173,6 +188,42 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         if comm is None:
             return StepMeta(present, 0 if bad >= 0 else -1, bad)
         return exchange_step_meta(comm, present, bad, self.ledger)
+
+    def _resolve_comm(self) -> None:
+        """The transport, if the process group came after the optimizer was built (Hugging
+        Face's TrainingArguments makes it): made now, and the subclass re-plans. Refuse a
+        launch that says it has several ranks but made no group: every rank would train alone."""
+        if self._comm is None:
+            self._comm = make_comm(self._group, self.config.timeout, self.config.transport)
+            if self._comm is not None:
+                self._params_changed()
+        world = os.environ.get("WORLD_SIZE", "1")
+        if self._comm is None and world.isdigit() and int(world) > 1:
+            raise RuntimeError(
+                f"WORLD_SIZE={world} but no torch.distributed process group exists at the first step of "
+                f"{type(self).__name__}: every rank would train its own model. Call "
+                "torch.distributed.init_process_group() (or build your framework's arguments) first"
+            )
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """``module``'s buffers start equal too: broadcast (or checked) with the parameters."""
+        self._buffers += [b for b in module.buffers() if b not in self._buffers]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as torch.optim does; its tensors join the next step, which checks the
+        fingerprint and starts them equal on every rank again (every rank must add them)."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_checked"):  # not while torch.optim's __init__ adds the first groups
+            for p in self.param_groups[-1]["params"]:
+                if not p.is_floating_point():
+                    raise TypeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+            self._regroup()
+            self.ledger.n_params = sum(p.numel() for p, _ in self._flat)
+            self._checked = False
+            self._params_changed()
+
+    def _params_changed(self) -> None:
+        """The parameter list or the world changed after __init__: plan again what depends on it."""
 
     def _nonfinite(self, rank: int, index: int) -> None:
         """Raise NonFiniteGradientError, or count the step as skipped: the same on every rank."""
@@ -229,34 +280,4 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(self._restore_counters(state_dict))
-        self._regroup()
-
-
-class InnerStep(CommOptimizer[W]):
-    """A CommOptimizer whose apply is a torch optimizer's step on the averaged gradients
-    (TernGrad's SGD, the fp32 baseline's AdamW or Lion). The two share their param groups and
-    state, so an LR scheduler, a state_dict or a load reaches both alike."""
-
-    def __init__(self, inner: torch.optim.Optimizer, *, config: CommConfig, process_group: Any) -> None:
-        super().__init__(inner.param_groups, inner.defaults, config=config, process_group=process_group)
-        self.inner = inner
-        self.param_groups = inner.param_groups  # one list: what one holds, the other does
-        self.state = inner.state
-
-    def _finish(self, work: W) -> None:
-        self.inner.step()
-
-    def _set_grad(self, i: int, mean: torch.Tensor) -> None:
-        """Tensor i's gradient becomes ``mean`` (any shape of its numel), for the inner step."""
-        p = self._flat[i][0]
-        g = mean.reshape(p.shape).to(p.device, p.dtype)
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The inner optimizer's own load (AdamW's defaults, its step tensors), then share again.
-        self.inner.load_state_dict(self._restore_counters(state_dict))
-        self.param_groups, self.state = self.inner.param_groups, self.inner.state
         self._regroup()

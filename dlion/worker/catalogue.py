@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from dlion.server import ServerLink
 from dlion.worker.byzantine import Byzantine
-from dlion.worker.config import BACKENDS
 from dlion.worker.dgc import build_dgc
 from dlion.worker.distributed_lion import DistributedLion
 from dlion.worker.global_opt import GlobalOptimizer
@@ -57,11 +56,16 @@ class Entry:
     lr: float  # the training job's default, from sweeps of the default job
     weight_decay: float
     betas: tuple[float, float] = (0.9, 0.99)  # when the caller gives none
-    backends: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ()  # the first is the training job's default
     votes: bool = False  # sends sign bits to a vote: a dedicated server process can serve it
     cautious: bool = False
     byzantine: bool = False
     single_process: bool = False
+
+    @property
+    def default_backend(self) -> str:
+        """The first of ``backends`` (sharded for the votes); allgather where there is no choice."""
+        return self.backends[0] if self.backends else "allgather"
 
     def check(self, args: BuildArgs) -> None:
         """Raise ValueError naming an option this optimizer does not have."""
@@ -172,6 +176,8 @@ def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
 # decay to keep lr * weight_decay comparable.
 _LION_LR, _LION_WD = 5e-4, 0.3
 _GATHERING = ("allgather", "server")
+# The votes give the same parameters on every backend; sharded sends the fewest bits at any N.
+_VOTING = ("sharded", "allgather", "server")
 
 CATALOGUE: dict[str, Entry] = {
     e.name: e
@@ -179,13 +185,13 @@ CATALOGUE: dict[str, Entry] = {
         Entry(name="lion", summary="Lion on one process (the reference)", build=_lion,
               lr=_LION_LR, weight_decay=_LION_WD, cautious=True, single_process=True),
         Entry(name="dlion-mavo", summary="Distributed Lion, majority vote", build=_dlion("majority"),
-              lr=_LION_LR, weight_decay=_LION_WD, backends=BACKENDS, votes=True, cautious=True,
+              lr=_LION_LR, weight_decay=_LION_WD, backends=_VOTING, votes=True, cautious=True,
               byzantine=True),
         Entry(name="dlion-avg", summary="Distributed Lion, averaged signs", build=_dlion("average"),
-              lr=_LION_LR, weight_decay=_LION_WD, backends=BACKENDS, votes=True, cautious=True,
+              lr=_LION_LR, weight_decay=_LION_WD, backends=_VOTING, votes=True, cautious=True,
               byzantine=True),
         Entry(name="signum-mavo", summary="Signum with majority vote (signSGD)", build=_signum,
-              lr=_LION_LR, weight_decay=_LION_WD, backends=BACKENDS, votes=True, cautious=True,
+              lr=_LION_LR, weight_decay=_LION_WD, backends=_VOTING, votes=True, cautious=True,
               byzantine=True),
         Entry(name="terngrad", summary="TernGrad: 2-bit stochastic gradients, SGD with momentum",
               build=_gathering(build_terngrad), lr=0.05, weight_decay=1e-4, backends=_GATHERING),
@@ -229,6 +235,7 @@ def build_optimizer(
     name: str, params: Iterable[Any], *, betas: tuple[float, float] | None = None, **kwargs: Any
 ) -> torch.optim.Optimizer:
     """The optimizer called ``name``; every one has ``.ledger``. ``kwargs`` are BuildArgs
-    fields; lr and weight_decay are required, betas default to the row's."""
+    fields; lr and weight_decay are required, betas and backend default to the row's."""
     e = entry(name)
+    kwargs.setdefault("backend", e.default_backend)
     return e.make(params, BuildArgs(betas=e.betas if betas is None else betas, **kwargs))

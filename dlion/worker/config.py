@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
+from dlion.aggregate.start import START_MODES
 from dlion.transport import TRANSPORTS
 from dlion.worker.byzantine import Byzantine
 
@@ -16,6 +17,7 @@ Tie = Literal["random", "zero"]
 NonFinite = Literal["raise", "skip"]
 Transport = Literal["torch", "mpi"]
 Backend = Literal["allgather", "sharded", "server"]
+Start = Literal["broadcast", "verify"]
 
 VOTES: tuple[str, ...] = ("majority", "average")
 TIES: tuple[str, ...] = ("random", "zero")
@@ -58,16 +60,21 @@ class CommConfig:
                the whole step on every rank (parameters and state untouched).
     seed:      run seed of every random draw (coins, samples); must match across ranks.
     timeout:   bound on every collective wait (None: the process group's timeout).
+    start:     how ranks start from the same parameters, at the first step: "broadcast" rank
+               0's to every rank (as DDP does), or "verify" that every rank's equal rank 0's
+               and raise naming the first tensor that differs.
     """
 
     transport: Transport = "torch"
     nonfinite: NonFinite = "raise"
     seed: int = 0
     timeout: timedelta | None = None
+    start: Start = "broadcast"
 
     def __post_init__(self) -> None:
         one_of("transport", self.transport, TRANSPORTS)
         one_of("nonfinite", self.nonfinite, NONFINITE)
+        one_of("start", self.start, START_MODES)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
@@ -84,7 +91,9 @@ class DistributedLionConfig(CommConfig):
     zero-sign coins).
 
     vote:         "majority" (MaVo, 1-bit result) or "average" (counts of positive votes).
-    backend:      "allgather": every rank gathers all ranks' bits and votes locally,
+    backend:      "sharded" (the default: the fewest bits at every N, the same parameters
+                  as the others bit for bit), "allgather" or "server". "allgather": every
+                  rank gathers all ranks' bits and votes locally,
                   (N-1) bits per parameter each way. "sharded": all_to_all of bits, each
                   rank votes its shard, all_gather of the results: 2 (N-1)/N bits each way
                   under majority vote, whatever N. "server": a parameter server on rank
@@ -111,7 +120,7 @@ class DistributedLionConfig(CommConfig):
 
     vote: Vote = "majority"
     tie: Tie = "random"
-    backend: Backend = "allgather"
+    backend: Backend = "sharded"
     bucket_numel: int = 1 << 25
     force_comm: bool = False
     cautious_wd: bool = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,7 +30,7 @@ from dlion.worker.config import (
     Vote,
     check_lion_hyperparameters,
 )
-from dlion.worker.overlap import Overlap
+from dlion.worker.overlap import Launching
 from dlion.worker.runners import Encoded, Runner, TensorRunner, Voted, can_be_flat, lion_alone, stage_all
 
 
@@ -94,7 +94,7 @@ class DistributedLion(CommOptimizer[LionStep]):
         process_group: Any = None,
         *,
         tie: Tie = "random",
-        backend: Backend = "allgather",
+        backend: Backend = "sharded",
         transport: Transport = "torch",
         nonfinite: NonFinite = "raise",
         seed: int = 0,
@@ -115,17 +115,26 @@ class DistributedLion(CommOptimizer[LionStep]):
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         super().__init__(params, defaults, config=config, process_group=process_group)
         self.config: DistributedLionConfig = config
-        self._attack = attack_of(byzantine, self.rank, self.world_size)
-        align = align_bytes(backend, self.world_size)
-        self._buckets: list[Bucket] = plan_buckets([p.numel() for p, _ in self._flat], bucket_numel, align)
-        self._wires = [BucketWire.of(f"bucket{k}", b) for k, b in enumerate(self._buckets)]
         self._server = ServerClient(server, self.ledger) if server is not None else None
-        self._runners: list[Runner] = [self._runner(b) for b in self._buckets]  # chosen once
         self._early: list[Voted] | None = None  # what overlap voted during this step's backward
-        self._overlap: Overlap | None = None  # what starts buckets during backward
-        self._on_stop: list[Callable[[], None]] = []
-        if overlap and self.communicates:
-            self._overlap = self._launcher(hooks=True)
+        self.launching = Launching(self.vote_bucket)  # what starts buckets during backward
+        self._params_changed()
+
+    def _params_changed(self) -> None:
+        """Plan the buckets, their wires and runners (chosen once per plan), and what starts
+        them during backward, for the parameters and the world of now."""
+        cfg = self.config
+        self._attack = attack_of(cfg.byzantine, self.rank, self.world_size)
+        align = align_bytes(cfg.backend, self.world_size)
+        self._buckets: list[Bucket] = plan_buckets(
+            [p.numel() for p, _ in self._flat], cfg.bucket_numel, align
+        )
+        self._wires = [BucketWire.of(f"bucket{k}", b) for k, b in enumerate(self._buckets)]
+        self._runners: list[Runner] = [self._runner(b) for b in self._buckets]
+        params = [[p for p, _ in self.pairs(b)] for b in self._buckets]
+        self.launching.plan(
+            params, hooks=cfg.overlap, possible=cfg.launches_in_backward and self.communicates
+        )
 
     @property
     def communicates(self) -> bool:
@@ -173,7 +182,7 @@ class DistributedLion(CommOptimizer[LionStep]):
         metadata exchange."""
         ok = stage_all(self._runners, self._per_bucket(grads))
         bad = -1 if ok is not None and bool(ok) else first_nonfinite(grads)
-        self._early = self._overlap.collect() if self._overlap is not None and self._overlap.armed else None
+        self._early = self.launching.collect()
         return bad
 
     def _first_contact(self, comm: Comm) -> None:
@@ -202,8 +211,7 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     def _after_step(self) -> None:
         self._early = None
-        if self._overlap is not None:
-            self._overlap.armed = True  # the first step has checked the fingerprint
+        self.launching.arm()  # the first step has checked the fingerprint
 
     # ---- one bucket, from step() or from outside it (gradient hooks)
 
@@ -267,34 +275,12 @@ class DistributedLion(CommOptimizer[LionStep]):
         """End of training, on every worker after the last step: a dedicated parameter server
         stops once every worker closes, and returns its traffic totals (None without one; a
         second call returns them again). Gradient and DDP hooks stop launching buckets."""
-        self.stop_launching()
+        self.launching.stop()
         return self._server.close() if self._server is not None else None
-
-    def launch_on_ready(self, on_stop: Callable[[], None]) -> Overlap | None:
-        """For dlion.attach: a launcher that DDP's hook tells which gradients are final (None
-        where the vote must wait for step(): backend 'server', MPI, or nothing to send).
-        ``on_stop`` runs when ``stop_launching`` or ``close`` does."""
-        if self._overlap is not None:
-            raise ValueError(
-                "overlap=True already starts the vote from gradient hooks; attach needs overlap=False"
-            )
-        self._on_stop.append(on_stop)
-        if self.config.launches_in_backward and self.communicates:
-            no_sync = "run backward under model.no_sync() for all but the last micro-batch"
-            self._overlap = self._launcher(hooks=False, accumulate=no_sync)
-        return self._overlap
-
-    def _launcher(self, **how: Any) -> Overlap:
-        return Overlap([[p for p, _ in self.pairs(b)] for b in self._buckets], self.vote_bucket, **how)
 
     def stop_launching(self) -> None:
         """No more buckets start during backward: gradient hooks removed, DDP hooks detached."""
-        if self._overlap is not None:
-            self._overlap.remove()
-            self._overlap = None
-        stops, self._on_stop = self._on_stop, []
-        for stop in stops:
-            stop()
+        self.launching.stop()
 
     def _state_extra(self) -> dict[str, int]:
         return {"world_size": self.world_size, "rank": self.rank}

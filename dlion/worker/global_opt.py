@@ -11,9 +11,10 @@ import torch
 from dlion.aggregate.meta import StepMeta
 from dlion.ledger import CollectiveRecord, Traffic, all_reduce_traffic
 from dlion.transport import Comm
-from dlion.worker.base import Grads, InnerStep
+from dlion.worker.base import Grads
 from dlion.worker.byzantine import Byzantine, attack_key, attack_of, corrupt_grad
 from dlion.worker.config import CommConfig, one_of
+from dlion.worker.inner import InnerStep
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

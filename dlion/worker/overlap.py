@@ -119,3 +119,58 @@ class Overlap:
 
     def __getstate__(self) -> Any:
         raise TypeError("Overlap holds hooks and streams; it is not picklable")
+
+
+class Launching:
+    """What starts an optimizer's buckets during backward, if anything: gradient hooks
+    (``overlap=True``) or DDP's communication hook (dlion.attach); re-planned with the buckets."""
+
+    def __init__(self, launch: Callable[[int, list[torch.Tensor | None]], Voted]) -> None:
+        self._launch = launch
+        self.launcher: Overlap | None = None
+        self.from_ddp = False
+        self._on_stop: list[Callable[[], None]] = []
+        self._plan: tuple[Sequence[Sequence[torch.Tensor]], bool, bool] = ([], False, False)
+
+    def plan(self, params: Sequence[Sequence[torch.Tensor]], *, hooks: bool, possible: bool) -> None:
+        """A launcher for these buckets: with per-parameter ``hooks`` (overlap=True), or for DDP's
+        hook once attached; none unless buckets can start before step() (``possible``)."""
+        self._plan = (params, hooks, possible)
+        if self.launcher is not None:
+            self.launcher.remove()
+            self.launcher = None
+        if possible and hooks:
+            self.launcher = Overlap(params, self._launch)
+        elif possible and self.from_ddp:
+            no_sync = "run backward under model.no_sync() for all but the last micro-batch"
+            self.launcher = Overlap(params, self._launch, hooks=False, accumulate=no_sync)
+
+    def attach_ddp(self, on_stop: Callable[[], None]) -> None:
+        """DDP's hook says what is ready from now on; ``on_stop`` runs when launching stops."""
+        self.from_ddp = True
+        self._on_stop.append(on_stop)
+        params, hooks, possible = self._plan
+        self.plan(params, hooks=hooks, possible=possible)
+
+    def ready(self, params: Sequence[torch.Tensor]) -> None:
+        if self.launcher is not None:
+            self.launcher.ready(params)
+
+    def collect(self) -> list[Voted] | None:
+        """Every bucket's vote, launched now where backward did not; None without a launcher
+        or before it is armed (the first step runs whole in step(), after the fingerprint)."""
+        return self.launcher.collect() if self.launcher is not None and self.launcher.armed else None
+
+    def arm(self) -> None:
+        if self.launcher is not None:
+            self.launcher.armed = True
+
+    def stop(self) -> None:
+        """No more buckets start during backward: gradient hooks removed, DDP hooks detached."""
+        if self.launcher is not None:
+            self.launcher.remove()
+            self.launcher = None
+        self.from_ddp = False
+        stops, self._on_stop = self._on_stop, []
+        for stop in stops:
+            stop()

@@ -15,8 +15,9 @@ from dlion.aggregate.codes import exchange_codes, share_scalers
 from dlion.aggregate.meta import StepMeta
 from dlion.compress import terngrad as codec
 from dlion.transport import Comm
-from dlion.worker.base import Grads, InnerStep
+from dlion.worker.base import Grads
 from dlion.worker.config import CommConfig, check_lion_hyperparameters, one_of
+from dlion.worker.inner import InnerStep
 
 TernBackend = Literal["allgather", "server"]
 TERN_BACKENDS: tuple[str, ...] = ("allgather", "server")
