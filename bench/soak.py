@@ -82,10 +82,12 @@ def check_ranks(resources: dict[str, Any], steps: int) -> list[RankCheck]:
 
 
 def ledger_consistent(report: dict[str, Any]) -> bool:
-    """Rank 0's totals equal the sum of its per-step bytes, both ways."""
-    sent = sum(s for s, _ in report["step_bytes"])
-    received = sum(r for _, r in report["step_bytes"])
-    return (sent, received) == (report["ledger"]["bytes_sent"], report["ledger"]["bytes_received"])
+    """Rank 0's totals equal the sum of its per-step bytes and its one-off messages (the
+    first step's parameter broadcast), both ways."""
+    led = report["ledger"]
+    sent = sum(s for s, _ in report["step_bytes"]) + led["one_off_bytes_sent"]
+    received = sum(r for _, r in report["step_bytes"]) + led["one_off_bytes_received"]
+    return (sent, received) == (led["bytes_sent"], led["bytes_received"])
 
 
 def markdown(report: dict[str, Any], checks: list[RankCheck], ledger_ok: bool) -> str:

@@ -57,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        workers = default_workers(cfg.optimizer, args.workers, DEFAULT_WORKERS)
+        if cfg.virtual_workers and args.workers not in (None, 1):
+            raise ValueError(
+                f"--workers {args.workers} and --virtual-workers {cfg.virtual_workers}: virtual "
+                "workers run in one process; give one of the two"
+            )
+        workers = cfg.virtual_workers or default_workers(cfg.optimizer, args.workers, DEFAULT_WORKERS)
         entry(cfg.optimizer).check_world_size(workers, "--workers")
     except ValueError as e:
         train.error(str(e))
@@ -65,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(out_dir(cfg, workers), overwrite=cfg.overwrite)
     except ValueError as e:
         train.error(str(e))
+    if cfg.virtual_workers:
+        return launch_local(1, cfg.to_argv())
     # A dedicated parameter server is one process more than the workers: the last rank.
     processes = workers + (1 if cfg.server == "dedicated" else 0)
     if cfg.transport == "mpi":

@@ -142,15 +142,20 @@ class Ledger:
     def summary(self) -> dict[str, Any]:
         """Totals in bytes (one-off messages outside steps included), and the bits per
         parameter per step, up and down, over the steps alone: a run's handshakes and its
-        first broadcast of the parameters do not read as a per-step cost."""
+        first broadcast of the parameters do not read as a per-step cost. ``one_off_bytes_*``
+        is the part of the totals outside any step."""
         sent, received = self.totals()
         steps = self.n_steps
+        one_off_sent = sum(r.sent.bits for r in self.extra) // 8
+        one_off_received = sum(r.received.bits for r in self.extra) // 8
         denom = max(1, steps) * max(1, self.n_params)
         return {
             "steps": steps,
             "n_params": self.n_params,
             "bytes_sent": sent.bits // 8,
             "bytes_received": received.bits // 8,
+            "one_off_bytes_sent": one_off_sent,
+            "one_off_bytes_received": one_off_received,
             "bits_per_param_up": sum(self._step_bits[0::2]) / denom,
             "bits_per_param_down": sum(self._step_bits[1::2]) / denom,
             "sent_bytes_by_kind": _whole_bytes(sent),

@@ -40,6 +40,10 @@ from dlion.worker.catalogue import entry
 # importing torch on a small machine; a user's own setting wins.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = "300"
+# Ray Train patches the workers' print to log each line through the root logger (stderr) as
+# well as to stdout, so the driver would show every progress line twice. Ray Train passes
+# this variable on from the driver to the workers.
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 # The driver's settings with this prefix (fault injection, error files) reach every worker.
 FORWARDED_PREFIX = "DLION_"
 RAY_RESULT_FILE = "ray_result.json"
@@ -153,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dlion.train.output import publish
 
     os.environ.setdefault(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
     name = (
         args.name or f"dlion-{cfg.optimizer}-w{args.workers}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     )

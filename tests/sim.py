@@ -13,6 +13,7 @@ import numpy as np
 
 from dlion.compress.buckets import plan_buckets
 from dlion.kernels import coin_bytes_ref, lion_sign_step_ref
+from dlion.kernels.stochastic import stochastic_sign_step_ref
 from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key
 from dlion.worker.byzantine import attack_key
 
@@ -37,6 +38,7 @@ def simulate(
     cautious: bool = False,
     attack: str | None = None,
     attackers: int = 0,
+    binarize: str = "sign",
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     """Returns the final parameters and each rank's momenta; the last ``attackers`` ranks
     send ``attack``'s signs instead of their own (their momenta stay honest)."""
@@ -58,7 +60,8 @@ def simulate(
                     grad = np.zeros(s.numel, np.float32) if grad is None else grad.reshape(-1)
                     out = np.zeros(s.nbytes, np.uint8)
                     key = derive_key(seed, ZERO_STREAM, step, r, s.index)
-                    lion_sign_step_ref(grad, moms[r][s.index], out, g.betas[0], g.betas[1], key)
+                    step_ref = stochastic_sign_step_ref if binarize == "stochastic" else lion_sign_step_ref
+                    step_ref(grad, moms[r][s.index], out, g.betas[0], g.betas[1], key)
                     lo = 8 * s.byte_offset
                     bits[r, lo : lo + s.numel] = np.unpackbits(out, count=s.numel)
                     if r >= n - attackers:
@@ -96,3 +99,10 @@ def _attacked(attack: str | None, signs: np.ndarray, key: int) -> np.ndarray:
     if attack == "zero":
         return np.zeros_like(signs)
     raise ValueError(f"unknown attack {attack!r}")
+
+
+def start_bits(numel: int, world: int, rank: int, element_bytes: int = 4) -> tuple[int, int]:
+    """(sent, received) bits of the first step's broadcast of rank 0's ``numel`` parameters
+    of one dtype, padded to whole 16-byte words."""
+    full = 8 * -(-numel * element_bytes // 16) * 16
+    return (full * (world - 1), 0) if rank == 0 else (0, full)

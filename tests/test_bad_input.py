@@ -104,7 +104,11 @@ def _first_step_error(rank: int, world: int, differ: str) -> str:
     if differ == "release" and rank == 1:
         version.VERSION = "0.0.9"
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-    opt = dlion.DistributedLion(params)
+    return first_step_error(dlion.DistributedLion(params), params)
+
+
+def first_step_error(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> str:
+    """The ValueError a first step with gradients of ones raises, or "no error"."""
     for p in params:
         p.grad = torch.ones_like(p)
     try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from multiproc import run_ok
-from sim import Group, simulate
+from sim import Group, simulate, start_bits
 
 SHAPES = [(7,), (3, 5), (33,), (4, 4, 3), (1,), (130,), (16, 8)]
 STEPS = 4
@@ -56,6 +56,7 @@ def _train(
     server: object = None,
     cautious_wd: bool = False,
     byzantine: object = None,
+    binarize: str = "sign",
 ) -> dict[str, object]:
     import dlion
 
@@ -75,6 +76,7 @@ def _train(
         server=server,  # type: ignore[arg-type]
         cautious_wd=cautious_wd,
         byzantine=byzantine,  # type: ignore[arg-type]
+        binarize=binarize,  # type: ignore[arg-type]
     )
     grads = make_grads(world)
     for step in range(STEPS):
@@ -143,6 +145,26 @@ def test_matches_numpy_simulation_bit_for_bit(world: int) -> None:
         assert not np.array_equal(results[0][c]["params"][0], init_params()[0])
 
 
+def _stochastic(rank: int, world: int) -> list[dict[str, object]]:
+    backends = ("allgather", "sharded", "server")
+    return [_train(rank, world, "average", "random", 7, backend=b, binarize="stochastic") for b in backends]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_stochastic_signs_match_simulation_bit_for_bit(world: int) -> None:
+    """dlion-sto: every backend's parameters and momenta equal the simulation's, and differ
+    from the plain sign's (the random signs are really sent)."""
+    results = run_ok(_stochastic, world)
+    grads = make_grads(world)
+    sim = {"vote": "average", "tie": "random", "seed": 7, "bucket_numel": BUCKET_NUMEL}
+    expect, moms = simulate(init_params(), GROUPS, grads, binarize="stochastic", **sim)  # type: ignore[arg-type]
+    plain, _ = simulate(init_params(), GROUPS, grads, **sim)  # type: ignore[arg-type]
+    for rank in range(world):
+        for c, backend in enumerate(("allgather", "sharded", "server")):
+            assert_bits_equal(results[rank][c], expect, moms[rank], ("stochastic", backend, rank))
+    assert not np.array_equal(expect[0], plain[0])
+
+
 def test_ties_and_zero_rule_differ_as_documented() -> None:
     """tie='zero' leaves even splits unmoved; tie='random' moves them by +-lr."""
     grads = make_grads(2)
@@ -169,12 +191,17 @@ def test_ledger_matches_cost_model() -> None:
         per_step_bits = (world - 1) * 8 * sum(b.nbytes for b in buckets)
         meta_bits = (world - 1) * 8 * meta_bytes
         fp_bits = (world - 1) * 64 * 6
-        expect_sent = STEPS * (per_step_bits + meta_bits) + fp_bits
-        assert led["ledger"]["bytes_sent"] * 8 == expect_sent
-        assert led["ledger"]["bytes_received"] == led["ledger"]["bytes_sent"]
-        assert led["ledger"]["sent_bytes_by_kind"]["payload"] == STEPS * (world - 1) * payload / 8
+        expect = STEPS * (per_step_bits + meta_bits) + fp_bits
+        up, down = start_bits(payload, world, rank)
+        assert led["ledger"]["bytes_sent"] * 8 == expect + up
+        assert led["ledger"]["bytes_received"] * 8 == expect + down
+        assert led["ledger"]["one_off_bytes_sent"] * 8 == up
+        start_payload = 4 * payload * (world - 1) if rank == 0 else 0
+        sent_payload = led["ledger"]["sent_bytes_by_kind"]["payload"]
+        assert sent_payload == STEPS * (world - 1) * payload / 8 + start_payload
         assert led["ledger"]["steps"] == STEPS
-        assert led["ledger"]["bits_per_param_up"] == pytest.approx(expect_sent / STEPS / payload)
+        # The start broadcast is a one-off, outside the per-step figure.
+        assert led["ledger"]["bits_per_param_up"] == pytest.approx(expect / STEPS / payload)
         # one collective per bucket plus the metadata exchange (and the fingerprint once)
         assert [len(s) for s in led["records"]] == [len(buckets) + 2] + [len(buckets) + 1] * (STEPS - 1)
 
@@ -195,8 +222,9 @@ def test_sharded_ledger_matches_cost_model(world: int, vote: str, tie: str, plan
     fp_bits = (world - 1) * 64 * 6
     for rank in range(world):
         led = results[rank][0]["ledger"]
-        assert led["bytes_sent"] * 8 == STEPS * per_step + fp_bits
-        assert led["bytes_received"] == led["bytes_sent"]
+        up, down = start_bits(sum(int(np.prod(s)) for s in SHAPES), world, rank)
+        assert led["bytes_sent"] * 8 == STEPS * per_step + fp_bits + up
+        assert led["bytes_received"] * 8 == STEPS * per_step + fp_bits + down
         payload = led["sent_bytes_by_kind"]["payload"] + led["received_bytes_by_kind"]["payload"]
         assert payload > 0
 
@@ -211,13 +239,16 @@ def test_server_ledger_matches_cost_model() -> None:
     planes = 2  # counts of 0..3 votes
     meta = (world - 1) * 8 * (4 + (len(SHAPES) + 7) // 8)
     fp_bits = (world - 1) * 64 * 6
+    numel = sum(int(np.prod(s)) for s in SHAPES)
     server = results[0][0]["ledger"]
     assert server["bytes_received"] * 8 == STEPS * ((world - 1) * bucket_bits + meta) + fp_bits
-    assert server["bytes_sent"] * 8 == STEPS * ((world - 1) * planes * bucket_bits + meta) + fp_bits
+    up = start_bits(numel, world, 0)[0]
+    assert server["bytes_sent"] * 8 == STEPS * ((world - 1) * planes * bucket_bits + meta) + fp_bits + up
     for rank in range(1, world):
         worker = results[rank][0]["ledger"]
+        down = start_bits(numel, world, rank)[1]
         assert worker["bytes_sent"] * 8 == STEPS * (bucket_bits + meta) + fp_bits
-        assert worker["bytes_received"] * 8 == STEPS * (planes * bucket_bits + meta) + fp_bits
+        assert worker["bytes_received"] * 8 == STEPS * (planes * bucket_bits + meta) + fp_bits + down
     names = {name for name, _, _ in results[0][0]["records"][1]}
     assert any(name.endswith("[server]") for name in names)
 

@@ -57,6 +57,10 @@ def test_ray_job_submit_restarts_and_restores_each_ranks_momentum(tmp_path: Path
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert leftovers.leftover_pids() == []  # the cluster is gone, and only it was stopped
     assert "injected fault on rank 1 at step 3" in proc.stdout + proc.stderr
+    # Each progress line once (Ray Train's print patch would also log it to stderr): step 1
+    # ran before the fault, step 5 after the restart.
+    for line in ("step 1/5 ", "step 5/5 "):
+        assert (proc.stdout + proc.stderr).count(line) == 1, line
 
     report = json.loads((out / "report.json").read_text())
     ref = json.loads((tmp_path / "l" / "report.json").read_text())

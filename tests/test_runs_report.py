@@ -226,6 +226,38 @@ def test_no_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 2 and "RUN_DIR" in capsys.readouterr().err
 
 
+def test_bits_chart_draws_the_fp32_reference_inside_the_figure(tmp_path: Path) -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dlion.report.plots import bits_figure
+
+    # One process first: it has no fp32 reference, and the legend must still name it.
+    write(tmp_path, "lion", make_report("lion", 0, 2.0, world_size=1) | {"step_bytes": [[0, 0]] * 4})
+    write(tmp_path, "mavo", make_report("dlion-mavo", 0, 2.0, world_size=4))
+    fig = bits_figure(plt, group_runs(load_runs([tmp_path])))
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    whole = fig.bbox
+    title = ax.title.get_window_extent()
+    assert whole.x0 <= title.x0 and title.x1 <= whole.x1 and title.y1 <= whole.y1  # not cut off
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "fp32 all-reduce, same N" in legend and ax.get_yscale() == "log"
+    # The reference at N = 4: 2 (N-1)/N x 32 = 48 bits each way.
+    assert [c.get_segments()[0][0][1] for c in ax.collections if c.get_label().startswith("fp32")] == [48.0]
+    plt.close(fig)
+
+
+def test_help_names_the_command_users_type(capsys: pytest.CaptureFixture[str]) -> None:
+    from dlion.cli import main as dlion_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        dlion_main(["report", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: dlion report ")
+
+
 def test_a_classifier_shows_its_task_and_accuracy(run_dirs: list[Path], tmp_path: Path) -> None:
     digits = make_report("dlion-mavo", 0, 0.3, task="digits") | {"final_val_accuracy": 0.9}
     runs = load_runs([run_dirs[0], write(tmp_path, "digits", digits)])

@@ -16,6 +16,7 @@ import torch
 from test_distributed_lion import BUCKET_NUMEL, SHAPES, STEPS, _train, assert_matches_simulation
 
 from multiproc import run_ok, run_ranks
+from sim import start_bits
 
 
 def run_dedicated(
@@ -67,11 +68,16 @@ def test_dedicated_server_ledger_matches_cost_model() -> None:
     meta = (workers - 1) * (4 + (len(SHAPES) + 7) // 8)  # among the workers only
     first = (workers - 1) * 48 + 8 * (8 + 2 * len(buckets))  # fingerprint and hello, once
     stop, totals = 24, 64  # after the last step
+    numel = sum(int(np.prod(s)) for s in SHAPES)
     for rank in range(workers):
         led = results[rank][0]["ledger"]
-        assert led["bytes_sent"] == STEPS * (s_bytes + header + meta) + first + stop
-        assert led["bytes_received"] == STEPS * (planes * s_bytes + meta) + (workers - 1) * 48 + 16 + totals
-        assert led["sent_bytes_by_kind"]["payload"] == STEPS * sum(int(np.prod(s)) for s in SHAPES) / 8
+        up, down = (b // 8 for b in start_bits(numel, workers, rank))  # among the workers
+        assert led["bytes_sent"] == STEPS * (s_bytes + header + meta) + first + stop + up
+        assert led["bytes_received"] == (
+            STEPS * (planes * s_bytes + meta) + (workers - 1) * 48 + 16 + totals + down
+        )
+        start_payload = 4 * numel * (workers - 1) if rank == 0 else 0
+        assert led["sent_bytes_by_kind"]["payload"] == STEPS * numel / 8 + start_payload
     server = results[workers][0]
     # Per step the server receives N S (+ headers) and sends N B S: docs/design.md's gather and broadcast.
     assert server["steps"] == [(workers * planes * s_bytes, workers * (s_bytes + header))] * STEPS

@@ -67,16 +67,35 @@ def _check_bytes(report: dict[str, Any]) -> None:
     # The first step also exchanges a parameter fingerprint; after it every step is alike.
     assert all(s == steps[1] for s in steps[1:]) and steps[0][0] >= steps[1][0]
     ledger = report["ledger"]
-    assert ledger["steps"] == 5 and ledger["bytes_sent"] == sum(s for s, _ in steps)
-    assert all(r["bytes_sent"] == ledger["bytes_sent"] for r in report["ledger_by_rank"])
+    assert ledger["steps"] == 5
+    # Rank 0 also broadcast its parameters once, as 4-byte floats to every other worker.
+    start = 4 * report["n_params"] * (report["config"]["world_size"] - 1)
+    assert ledger["one_off_bytes_sent"] >= start and ledger["one_off_bytes_sent"] - start < 16 * 8
+    assert ledger["bytes_sent"] == sum(s for s, _ in steps) + ledger["one_off_bytes_sent"]
+    # Every rank's steps send alike; only rank 0 sends the start.
+    steps_sent = ledger["bytes_sent"] - ledger["one_off_bytes_sent"]
+    assert all(r["bytes_sent"] - r["one_off_bytes_sent"] == steps_sent for r in report["ledger_by_rank"])
 
 
 def test_dlion_mavo_two_workers(tmp_path: Path) -> None:
-    report = _train(tmp_path, 2, "dlion-mavo")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dlion", "train", "--workers", "2", "--optimizer", "dlion-mavo"]
+    proc = _run([*cmd, *TINY, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
     _check_common(report, 2, "dlion-mavo")
     _check_bytes(report)
-    # Two ranks all-gather 1-bit signs: about one bit per parameter each way.
-    assert 1.0 <= report["ledger"]["bits_per_param_up"] < 1.1
+    # Two ranks on the default (sharded) backend: about one bit per parameter each way.
+    assert report["config"]["backend"] == "sharded"
+    up = report["ledger"]["bits_per_param_up"]
+    assert 1.0 <= up < 1.1
+    # Beside it, fp32 ring all-reduce at N = 2 (32 bits each way) and the ratio, in the report
+    # and in the final line.
+    assert report["saving"]["fp32_allreduce_bits_per_param"] == 32.0
+    assert report["saving"]["fewer_than_fp32"] == pytest.approx(32.0 / up)
+    final = proc.stdout.strip().splitlines()[-1]
+    assert f"{up:.3f} bits/param up" in final, final
+    assert f"fp32 all-reduce: 32.0 each way, {32.0 / up:.1f}x fewer" in final, final
 
 
 def test_sharded_backend_same_result_fewer_bytes(tmp_path: Path) -> None:
@@ -103,9 +122,10 @@ def test_dedicated_parameter_server(tmp_path: Path) -> None:
     assert dedicated["val_loss"] == on_rank0["val_loss"]
     server, workers = dedicated["server_ledger"], dedicated["ledger_by_rank"]
     assert server["steps"] == 5
-    up = sum(w["sent_bytes_by_kind"]["payload"] for w in workers)
+    start = 4 * dedicated["n_params"]  # rank 0's parameters to the other worker, not via the server
+    up = sum(w["sent_bytes_by_kind"]["payload"] for w in workers) - start
     assert server["received_bytes_by_kind"]["payload"] == up > 0
-    down = sum(w["received_bytes_by_kind"]["payload"] for w in workers)
+    down = sum(w["received_bytes_by_kind"]["payload"] for w in workers) - start
     assert server["sent_bytes_by_kind"]["payload"] == down == up  # majority: 1 bit each way
 
 
@@ -133,6 +153,42 @@ def test_lion_one_worker(tmp_path: Path) -> None:
     _check_common(report, 1, "lion")
     assert report["config"]["dist_backend"] is None  # no process group at all
     assert report["step_bytes"] == [] and report["ledger"]["bytes_sent"] == 0
+
+
+def test_lion_one_worker_refuses_to_overwrite_a_finished_run(tmp_path: Path) -> None:
+    """A second run into a finished run's folder stops before training unless --overwrite."""
+    _train(tmp_path, 1, "lion")
+    report = tmp_path / "run" / "report.json"
+    before = report.read_bytes()
+    cmd = [sys.executable, "-m", "dlion", "train", "--optimizer", "lion", *TINY, "--out", str(report.parent)]
+    proc = _run(cmd)
+    assert proc.returncode == 2 and "already holds a finished run's report.json" in proc.stderr
+    assert "--overwrite" in proc.stderr and report.read_bytes() == before
+    proc = _run([*cmd, "--overwrite", "--seed", "1"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(report.read_text())["config"]["seed"] == 1
+
+
+def test_an_unwritable_out_fails_before_any_worker_starts(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for entry_point in (["-m", "dlion", "train", "--workers", "2"], ["-m", "dlion.train"]):
+        started = time.monotonic()
+        proc = _run([sys.executable, *entry_point, *TINY, "--out", str(blocker / "run")])
+        assert proc.returncode != 0 and f"--out {blocker / 'run'} cannot be written" in proc.stderr
+        assert "step" not in proc.stdout  # no training line was printed
+        assert time.monotonic() - started < 30
+
+
+def test_default_out_names_what_tells_runs_apart() -> None:
+    from dlion.train.output import out_dir
+
+    cfg = parse_config(["--optimizer", "dlion-mavo", "--backend", "server", "--seed", "3"])
+    assert str(out_dir(cfg, 4)) == os.path.join("runs", "bytes-dlion-mavo-server-w4-s3")
+    cfg = parse_config(["--optimizer", "adamw-global", "--transport", "mpi"])
+    assert str(out_dir(cfg, 2)) == os.path.join("runs", "bytes-adamw-global-mpi-w2-s0")
+    cfg = parse_config(["--optimizer", "dlion-avg", "--out", "mine"])
+    assert str(out_dir(cfg, 2)) == "mine"
 
 
 def test_torchrun_c10d_rendezvous_gives_the_same_report(tmp_path: Path) -> None:

@@ -72,11 +72,13 @@ def _is_plain_f32(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_contiguous()
 
 
-def _coin_bytes(key: int, n: int, device: torch.device) -> torch.Tensor:
-    """coin_bytes(key, 0, n) in int64 torch ops: wrapping multiply, masked logical shifts."""
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 lanes (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
 
-    def shr(z: torch.Tensor, s: int) -> torch.Tensor:
-        return (z >> s) & ((1 << (64 - s)) - 1)
+
+def _splitmix(key: int, n: int, device: torch.device) -> torch.Tensor:
+    """splitmix64(key + j) for j < n, as int64 lanes: wrapping multiply, logical shifts."""
 
     def signed(v: int) -> int:
         v &= (1 << 64) - 1
@@ -84,10 +86,42 @@ def _coin_bytes(key: int, n: int, device: torch.device) -> torch.Tensor:
 
     s1, s2, s3 = wire.SHIFTS
     z = torch.arange(n, dtype=torch.int64, device=device) + signed(key + wire.GOLDEN)
-    z = (z ^ shr(z, s1)) * signed(wire.MIX1)
-    z = (z ^ shr(z, s2)) * signed(wire.MIX2)
-    z = z ^ shr(z, s3)
-    return shr(z, 56).to(torch.uint8)
+    z = (z ^ _shr(z, s1)) * signed(wire.MIX1)
+    z = (z ^ _shr(z, s2)) * signed(wire.MIX2)
+    return z ^ _shr(z, s3)
+
+
+def _coin_bytes(key: int, n: int, device: torch.device) -> torch.Tensor:
+    """coin_bytes(key, 0, n) in torch ops: the top byte of each draw."""
+    return _shr(_splitmix(key, n, device), 56).to(torch.uint8)
+
+
+def stochastic_sign_step(
+    grad: torch.Tensor, exp_avg: torch.Tensor, out: torch.Tensor, b1: float, b2: float, key: int
+) -> None:
+    """dlion-sto's worker step (dlion.kernels.stochastic) on a tensor of any device: the
+    Numba kernel on the CPU, the same math in torch ops elsewhere."""
+    if grad.device.type == "cpu":
+        from dlion.kernels.stochastic import stochastic_sign_step as kernel
+
+        kernel(_flat_f32(grad).numpy(), exp_avg.view(-1).numpy(), out.numpy(), b1, b2, np.uint64(key))
+    else:
+        stochastic_sign_step_torch(grad, exp_avg, out, b1, b2, key)
+
+
+def stochastic_sign_step_torch(
+    grad: torch.Tensor, exp_avg: torch.Tensor, out: torch.Tensor, b1: float, b2: float, key: int
+) -> None:
+    """``stochastic_sign_step`` in torch ops, for any device."""
+    g, m = _flat_f32(grad), exp_avg.view(-1)
+    c = m * b1 + g * (1.0 - b1)
+    scale = (c.abs().sum(dtype=torch.float64) / max(1, c.numel())).to(torch.float32)
+    half = torch.tensor(0.5, dtype=torch.float32, device=c.device)
+    p = torch.where(scale > 0, ((c / scale).clamp(-1.0, 1.0) + 1.0) * half, half)
+    r = _shr(_splitmix(key, c.numel(), c.device), 40).to(torch.float32) * 2.0**-24
+    bits = _pack(r < p)
+    out[: bits.numel()] = bits
+    m.mul_(b2).add_(g * (1.0 - b2))
 
 
 def _pack(flags: torch.Tensor) -> torch.Tensor:

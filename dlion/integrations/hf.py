@@ -1,7 +1,7 @@
 """Hugging Face Trainer: DistributedLion with DDP's all-reduce replaced by the vote.
 
     trainer = Trainer(model, args, train_dataset=..., callbacks=[DistributedLionCallback()])
-    trainer.optimizer = create_optimizer(trainer, backend="sharded")  # decay / no-decay groups
+    trainer.optimizer = create_optimizer(trainer)  # decay / no-decay groups
     trainer.train()
 
 The Trainer wraps the model in DistributedDataParallel (through Accelerate) only inside

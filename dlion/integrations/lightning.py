@@ -2,7 +2,7 @@
 
     class Model(L.LightningModule):
         def configure_optimizers(self):
-            return dlion.DistributedLion(self.parameters(), lr=3e-4, backend="sharded")
+            return dlion.DistributedLion(self.parameters(), lr=3e-4)
 
     L.Trainer(strategy="ddp", callbacks=[DistributedLionCallback()]).fit(Model())
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlion.ledger import fp32_ring_bits_per_param
+from dlion.ledger import saving
 from dlion.report.runs import Group
 from dlion.report.table import SPREAD, loss_unit
 
@@ -95,44 +95,49 @@ def plots(groups: Sequence[Group], out: Path) -> list[Path]:
         if ax.lines:
             ax.legend(fontsize=8)
         written.append(_save(plt, fig, out / name))
-    written.append(_bits_chart(plt, groups, out / "bits_per_param.png"))
+    written.append(_save(plt, bits_figure(plt, groups), out / "bits_per_param.png"))
     return written
 
 
-def _bits_chart(plt: Any, groups: Sequence[Group], path: Path) -> Path:
+def bits_figure(plt: Any, groups: Sequence[Group]) -> Any:
     """Bits per parameter per step, up and down, one pair of bars per configuration, and what
-    a ring all-reduce of fp32 gradients would send at the same N (log scale)."""
+    a ring all-reduce of fp32 gradients would send at the same N, with the ratio (log scale)."""
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(groups) + 2), 5))
-    labels = [g.label for g in groups]
-    ref = [fp32_ring_bits_per_param(g.first.world_size) for g in groups]
-    for i, r in enumerate(ref):
-        if r > 0:
-            ax.hlines(
-                r,
-                i - 0.45,
-                i + 0.45,
-                color="k",
-                linewidth=2,
-                label="fp32 all-reduce, same N" if i == 0 else None,
-            )
-            ax.annotate(
-                f"{r:.0f}", (i, r), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7
-            )
+    bits = {
+        d: [statistics.fmean(float(r.ledger[f"bits_per_param_{d}"]) for r in g.runs) for g in groups]
+        for d in ("up", "down")
+    }
+    shown = [v for values in bits.values() for v in values if v > 0]
+    labelled = False
+    for i, g in enumerate(groups):
+        s = saving({f"bits_per_param_{d}": bits[d][i] for d in bits}, g.first.world_size)
+        ref = s["fp32_allreduce_bits_per_param"]
+        if ref > 0:
+            label = None if labelled else "fp32 all-reduce, same N"
+            ax.hlines(ref, i - 0.45, i + 0.45, color="k", linewidth=2, label=label)
+            labelled, fewer = True, s["fewer_than_fp32"]
+            text = f"{ref:.0f}" + (f" ({fewer:.1f}x fewer)" if fewer is not None else "")
+            ax.annotate(text, (i, ref), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+            shown.append(ref)
     for k, (direction, offset) in enumerate((("up", -0.2), ("down", 0.2))):
-        values = [
-            statistics.fmean(float(r.ledger[f"bits_per_param_{direction}"]) for r in g.runs) for g in groups
-        ]
+        values = bits[direction]
         bars = ax.bar([i + offset for i in range(len(groups))], values, 0.4, color=f"C{k}", label=direction)
         ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7)
-    ax.set_xticks(range(len(groups)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(range(len(groups)), [g.label for g in groups], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("bits per parameter per step (rank 0 ledger)")
-    ax.set_yscale("log")
+    # Powers of two, from well below the smallest bar (so bars show their height) to well
+    # above the reference (room for the legend).
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    if shown:
+        ax.set_ylim(min(shown) / 4, max(shown) * 6)
     ax.set_title(
         "Bits per parameter per step, up (sent) and down (received)\nbeside fp32 ring all-reduce", fontsize=10
     )
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:

@@ -70,6 +70,9 @@ class OptimizerSection:
     cautious_wd: bool = False
     """cautious weight decay (Chen et al. 2025): decay only where the update and the parameter
     agree in sign; Lion and the voting optimizers"""
+    powersgd_rank: int = 4
+    """powersgd: the rank of its gradient approximation (its uncompressed all-reduce runs for
+    max(2, warmup-steps) steps first)"""
     warmup_steps: int | None = None
     """linear warmup before the cosine decay (default: steps // 10)"""
     min_lr_ratio: float = 0.1
@@ -89,6 +92,7 @@ class OptimizerSection:
         if not isinstance(self.cautious_wd, bool):
             raise ValueError(f"cautious_wd must be a bool, got {self.cautious_wd!r}")
         check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, high_open=False)
+        check_int("powersgd_rank", self.powersgd_rank, low=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +114,9 @@ class CommSection:
     """what the attackers send: flip (inverted signs, negated gradients), random, or zero"""
     timeout_s: float = 120.0
     """bound on every collective wait, in seconds"""
+    virtual_workers: int = field(default=0, metadata={"metavar": "N"})
+    """run N workers as threads of this one process, taking turns: the same batches, votes,
+    coins and bytes as N processes, for studying many workers on few cores (0: real processes)"""
 
     def _check_comm(self) -> None:
         one_of("backend", self.backend, BACKENDS)
@@ -117,6 +124,7 @@ class CommSection:
         one_of("transport", self.transport, TRANSPORTS)
         Byzantine(workers=self.byzantine, attack=self.attack)  # raises naming a bad value
         check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
+        check_int("virtual_workers", self.virtual_workers, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,8 +183,24 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
                 f"server='dedicated' is a parameter-server process for the voting optimizers with "
                 f"backend='server'; got optimizer {self.optimizer!r} with backend {self.backend!r}"
             )
+        if self.virtual_workers:
+            self._check_virtual()
         byzantine = Byzantine(workers=self.byzantine, attack=self.attack) if self.byzantine else None
         row.check(self.build_args(byzantine=byzantine))
+
+    def _check_virtual(self) -> None:
+        row = entry(self.optimizer)
+        row.check_world_size(self.virtual_workers, "--virtual-workers")
+        if row.ddp:
+            raise ValueError(
+                f"optimizer {self.optimizer!r} runs inside torch's DistributedDataParallel, which needs "
+                "real processes; use --workers N instead of --virtual-workers"
+            )
+        if self.transport != "torch" or self.server == "dedicated":
+            raise ValueError(
+                "virtual workers talk through threads of one process: they take the default transport "
+                f"and no dedicated server; got transport {self.transport!r}, server {self.server!r}"
+            )
 
     def build_args(self, **comm: Any) -> BuildArgs:
         """The optimizer's arguments; ``comm`` adds what only a running job knows (process
@@ -191,6 +215,8 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
             seed=self.seed,
             backend=self.backend,
             transport=self.transport,
+            powersgd_rank=self.powersgd_rank,
+            powersgd_start=max(2, self.warmup_steps or 0),
             **comm,
         )
 

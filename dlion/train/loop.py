@@ -39,7 +39,9 @@ from dlion.train.report import (
 )
 from dlion.train.resources import ResourceLog
 from dlion.train.tasks import build_task, evaluate
+from dlion.train.virtual import check_alone, run_virtual
 from dlion.transport import make_comm
+from dlion.worker.base import CommOptimizer
 from dlion.worker.byzantine import Byzantine
 from dlion.worker.catalogue import entry
 
@@ -83,13 +85,16 @@ def train(
     task = build_task(cfg, rank=ctx.rank, device=ctx.device)
     model, sampler = task.model, task.sampler
     args = cfg.build_args(
-        process_group=group,
+        process_group=group if group is not None else ctx.comm,
         server=link,
         byzantine=Byzantine(workers=cfg.byzantine, attack=cfg.attack) if cfg.byzantine else None,
         timeout=timedelta(seconds=cfg.timeout_s),
     )
     opt: Any = entry(cfg.optimizer).make(list(model.named_parameters()), args)
     opt.ledger.keep_records = LEDGER_RECORDS  # totals cover every step; records, the last few
+    if isinstance(opt, CommOptimizer):
+        opt.sync_buffers(model)  # buffers start as rank 0's, with the parameters
+    loss_of = opt.wrap(model) if entry(cfg.optimizer).ddp else model.loss
     assert cfg.warmup_steps is not None  # resolved when the config was built
     sched = LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     is_main = ctx.rank == 0
@@ -137,7 +142,7 @@ def train(
         inject_fault(ctx.rank, step - 1)
         t0 = time.perf_counter()
         x, y = sampler.next()
-        loss = model.loss(x.to(ctx.device), y.to(ctx.device))
+        loss = loss_of(x.to(ctx.device), y.to(ctx.device))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -239,6 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     cfg = parse_config(argv)
+    if cfg.virtual_workers:
+        try:
+            check_alone()
+            check_out(out_dir(cfg, cfg.virtual_workers), overwrite=cfg.overwrite)
+        except ValueError as e:
+            raise SystemExit(f"python -m dlion.train: error: {e}") from None
+        report = run_virtual(cfg, lambda ctx: train(cfg, ctx, started))
+        publish(report, cfg)
+        return 0
     local = entry(cfg.optimizer).single_process
     try:
         ctx = tdist.setup(needs_group=not local, timeout_s=cfg.timeout_s, transport=cfg.transport)

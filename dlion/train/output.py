@@ -14,7 +14,7 @@ from dlion.worker.catalogue import entry
 
 def out_dir(cfg: TrainConfig, workers: int) -> Path:
     """``--out``, or a folder named for what tells runs apart:
-    runs/<task>-<optimizer>[-<backend>][-mpi][-dedicated]-w<workers>-s<seed>."""
+    runs/<task>-<optimizer>[-<backend>][-mpi][-dedicated][-virtual]-w<workers>-s<seed>."""
     if cfg.out is not None:
         return Path(cfg.out)
     parts = [cfg.task, cfg.optimizer]
@@ -24,6 +24,8 @@ def out_dir(cfg: TrainConfig, workers: int) -> Path:
         parts.append(cfg.transport)
     if cfg.server == "dedicated":
         parts.append("dedicated")
+    if cfg.virtual_workers:
+        parts.append("virtual")
     return Path("runs") / "-".join([*parts, f"w{workers}", f"s{cfg.seed}"])
 
 

@@ -22,12 +22,14 @@ _SUMMARY_KEYS = (
     "n_params",
     "bytes_sent",
     "bytes_received",
+    "one_off_bytes_sent",
+    "one_off_bytes_received",
     "bits_per_param_up",
     "bits_per_param_down",
 )
 _KIND_KEYS = KINDS
 REPORT_FILE = "report.json"
-_INT_KEYS = frozenset({"steps", "n_params", "bytes_sent", "bytes_received"})
+_INT_KEYS = frozenset(_SUMMARY_KEYS[:6])
 
 
 def dlion_version() -> str:

@@ -17,11 +17,13 @@ import torch
 import torch.distributed as dist
 
 from dlion.server import ServerLink
+from dlion.transport import TorchComm
 from dlion.worker.byzantine import Byzantine
 from dlion.worker.dgc import build_dgc
 from dlion.worker.distributed_lion import DistributedLion
 from dlion.worker.global_opt import GlobalOptimizer
 from dlion.worker.lion import Lion
+from dlion.worker.powersgd import PowerSGD, PowerSGDConfig
 from dlion.worker.terngrad import build_terngrad
 
 
@@ -40,6 +42,9 @@ class BuildArgs:
     server: ServerLink | None = None  # a dedicated parameter server (rows with ``votes``)
     byzantine: Byzantine | None = None  # attacking ranks (rows with ``byzantine``)
     timeout: timedelta | None = None  # bound on every collective wait (None: the process group's)
+    start: str = "broadcast"  # ranks start equal: "broadcast" rank 0's parameters, or "verify"
+    powersgd_rank: int = 4  # rows with ``ddp``: PowerSGD's approximation rank
+    powersgd_start: int = 10  # rows with ``ddp``: steps of uncompressed all-reduce first
 
 
 Builder = Callable[[Iterable[Any], BuildArgs], torch.optim.Optimizer]
@@ -61,6 +66,7 @@ class Entry:
     cautious: bool = False
     byzantine: bool = False
     single_process: bool = False
+    ddp: bool = False  # communicates inside DDP's backward: train through ``opt.wrap(model)``
 
     @property
     def default_backend(self) -> str:
@@ -104,7 +110,7 @@ def _lion(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
     return Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, cautious_wd=a.cautious_wd)
 
 
-def _dlion(vote: str) -> Builder:
+def _dlion(vote: str, binarize: str = "sign") -> Builder:
     def build(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
         return DistributedLion(
             params,
@@ -120,6 +126,8 @@ def _dlion(vote: str) -> Builder:
             cautious_wd=a.cautious_wd,
             byzantine=a.byzantine,
             timeout=a.timeout,
+            start=a.start,  # type: ignore[arg-type]
+            binarize=binarize,  # type: ignore[arg-type]
         )
 
     return build
@@ -149,6 +157,7 @@ def _gathering(build: Callable[..., torch.optim.Optimizer]) -> Builder:
             backend=a.backend,
             transport=a.transport,
             timeout=a.timeout,
+            start=a.start,
         )
 
     return make
@@ -164,9 +173,16 @@ def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
             byzantine=a.byzantine,
             seed=a.seed,
             timeout=a.timeout,
+            start=a.start,
         )
 
     return build
+
+
+def _powersgd(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+    group = a.process_group.group if isinstance(a.process_group, TorchComm) else a.process_group
+    config = PowerSGDConfig(rank=a.powersgd_rank, start_iter=a.powersgd_start)
+    return PowerSGD(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, process_group=group, config=config)
 
 
 # Job defaults, from sweeps of the default job (4 workers): dlion-mavo over 1e-4..3e-3 was best
@@ -190,6 +206,9 @@ CATALOGUE: dict[str, Entry] = {
         Entry(name="dlion-avg", summary="Distributed Lion, averaged signs", build=_dlion("average"),
               lr=_LION_LR, weight_decay=_LION_WD, backends=_VOTING, votes=True, cautious=True,
               byzantine=True),
+        Entry(name="dlion-sto", summary="Distributed Lion, stochastic signs averaged (unbiased)",
+              build=_dlion("average", "stochastic"), lr=_LION_LR, weight_decay=_LION_WD,
+              backends=_VOTING, votes=True, cautious=True, byzantine=True),
         Entry(name="signum-mavo", summary="Signum with majority vote (signSGD)", build=_signum,
               lr=_LION_LR, weight_decay=_LION_WD, backends=_VOTING, votes=True, cautious=True,
               byzantine=True),
@@ -200,6 +219,8 @@ CATALOGUE: dict[str, Entry] = {
         Entry(name="adamw-global", summary="AdamW on fp32 all-reduced gradients",
               build=_global(torch.optim.AdamW), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.999),
               byzantine=True),
+        Entry(name="powersgd", summary="AdamW after torch's DDP PowerSGD hook (rank r, error feedback)",
+              build=_powersgd, lr=2e-3, weight_decay=0.1, betas=(0.9, 0.999), ddp=True),
         Entry(name="lion-global", summary="Lion on fp32 all-reduced gradients", build=_global(Lion),
               lr=_LION_LR, weight_decay=_LION_WD, byzantine=True),
     )

@@ -18,11 +18,13 @@ NonFinite = Literal["raise", "skip"]
 Transport = Literal["torch", "mpi"]
 Backend = Literal["allgather", "sharded", "server"]
 Start = Literal["broadcast", "verify"]
+Binarize = Literal["sign", "stochastic"]
 
 VOTES: tuple[str, ...] = ("majority", "average")
 TIES: tuple[str, ...] = ("random", "zero")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
 BACKENDS: tuple[str, ...] = ("allgather", "sharded", "server")
+BINARIZE: tuple[str, ...] = ("sign", "stochastic")
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -116,6 +118,10 @@ class DistributedLionConfig(CommConfig):
     overlap:      start each bucket's sign step and exchange from gradient hooks, during
                   backward (dlion.worker.overlap); one backward per step. allgather and
                   sharded backends, torch transport.
+    binarize:     what a worker sends: "sign", the sign of its Lion direction c (a c of 0
+                  takes a fair coin), or "stochastic" (dlion-sto): a random sign, positive
+                  with probability (1 + clip(c / mean|c|, -1, 1)) / 2, unbiased for that
+                  clipped direction (dlion.kernels.stochastic); per tensor, not flat CUDA.
     """
 
     vote: Vote = "majority"
@@ -127,6 +133,7 @@ class DistributedLionConfig(CommConfig):
     byzantine: Byzantine | None = None
     overlap: bool = False
     dedicated_server: bool = False
+    binarize: Binarize = "sign"
 
     @property
     def launches_in_backward(self) -> bool:
@@ -138,6 +145,7 @@ class DistributedLionConfig(CommConfig):
         one_of("vote", self.vote, VOTES)
         one_of("tie", self.tie, TIES)
         one_of("backend", self.backend, BACKENDS)
+        one_of("binarize", self.binarize, BINARIZE)
         super().__post_init__()
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int):
             raise ValueError(f"bucket_numel must be an int, got {self.bucket_numel!r}")

@@ -88,8 +88,12 @@ class DGC(CommOptimizer[DGCStep]):
             params, {"lr": lr, "weight_decay": weight_decay}, config=config, process_group=process_group
         )
         self.config: DGCConfig = config
-        self._compressed = [codec.is_compressed(p.shape, config.min_numel) for p, _ in self._flat]
+        self._params_changed()
+
+    def _params_changed(self) -> None:
+        """Which tensors are compressed, and the wire layouts, for the parameter list of now."""
         self._layouts: dict[tuple[tuple[int, ...], float], codec.WireLayout] = {}
+        self._compressed = [codec.is_compressed(p.shape, self.config.min_numel) for p, _ in self._flat]
 
     def density(self) -> float:
         """Fraction of each compressed tensor sent at the coming step."""
@@ -182,6 +186,7 @@ def build_dgc(
     backend: str = "allgather",
     transport: str = "torch",
     timeout: timedelta | None = None,
+    start: str = "broadcast",
 ) -> DGC:
     """DGC for the registry: betas[0] is the SGD momentum (betas[1] is unused); weight decay
     is L2 added to the gradient locally, as torch.optim.SGD's; the rest are DGCConfig defaults."""
@@ -191,5 +196,6 @@ def build_dgc(
         backend=backend,  # type: ignore[arg-type]
         transport=transport,  # type: ignore[arg-type]
         timeout=timeout,
+        start=start,  # type: ignore[arg-type]
     )
     return DGC(params, lr=lr, weight_decay=weight_decay, process_group=process_group, config=config)

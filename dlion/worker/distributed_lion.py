@@ -23,8 +23,10 @@ from dlion.worker.byzantine import Byzantine, attack_of, corrupt_bucket
 from dlion.worker.checks import first_nonfinite
 from dlion.worker.config import (
     Backend,
+    Binarize,
     DistributedLionConfig,
     NonFinite,
+    Start,
     Tie,
     Transport,
     Vote,
@@ -51,13 +53,16 @@ class DistributedLion(CommOptimizer[LionStep]):
     Every rank keeps its own Lion momentum. Per step, with N ranks:
 
       1-2. Check and agree (dlion.worker.base): NaN/Inf scans (flat CUDA buckets: staged,
-         then one fused check), the fingerprint once, the step metadata every step; every
+         then one fused check), the fingerprint once (and, by ``start``, rank 0's parameters
+         broadcast to every rank, or checked equal), the step metadata every step; every
          rank raises, skips the step or goes on alike. A tensor no rank has a gradient for
          is skipped as in torch.optim; a rank without one for a tensor others have votes g = 0.
       3. Encode, per bucket: the fused sign step c = b1*m + (1-b1)*g, its sign packed to one
          bit per parameter, m <- b2*m + (1-b2)*g (one kernel per bucket for flat CUDA
          buckets, else per tensor: dlion.worker.runners). A c of exactly 0 takes a seeded
-         fair coin (bit 1 = positive) so it adds no drift. With ``byzantine``, the attacking
+         fair coin (bit 1 = positive) so it adds no drift. With ``binarize="stochastic"``
+         (dlion-sto) the bit is a seeded coin, positive with probability
+         (1 + clip(c / mean|c|, -1, 1)) / 2, so the averaged signs are unbiased. With ``byzantine``, the attacking
          ranks then corrupt their bits (dlion.worker.byzantine); their momentum stays honest.
       4. Exchange, by ``backend``: "allgather" gathers every rank's bits ((N-1)/8 bytes per
          parameter each way); "sharded" runs all_to_all, a vote of this rank's shard, and an
@@ -105,12 +110,15 @@ class DistributedLion(CommOptimizer[LionStep]):
         cautious_wd: bool = False,
         byzantine: Byzantine | None = None,
         overlap: bool = False,
+        start: Start = "broadcast",
+        binarize: Binarize = "sign",
     ) -> None:
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
         config = DistributedLionConfig(
             vote=vote, tie=tie, backend=backend, transport=transport, nonfinite=nonfinite, seed=seed,
             bucket_numel=bucket_numel, force_comm=force_comm, timeout=timeout, cautious_wd=cautious_wd,
-            byzantine=byzantine, overlap=overlap, dedicated_server=server is not None,
+            byzantine=byzantine, overlap=overlap, dedicated_server=server is not None, start=start,
+            binarize=binarize,
         )  # fmt: skip
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         super().__init__(params, defaults, config=config, process_group=process_group)
@@ -144,6 +152,8 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     def _runner(self, bucket: Bucket) -> Runner:
         """How a bucket runs, for the life of the optimizer: flat CUDA buffers, or per tensor."""
+        if self.stochastic:
+            return TensorRunner(self, bucket)
         if can_be_flat([p for p, _ in self.pairs(bucket)]):
             from dlion.worker.flat import FlatRunner  # loads the CUDA kernels: flat buckets only
 
@@ -157,6 +167,10 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     def momentum(self, p: torch.Tensor) -> torch.Tensor:
         return self._fp32_state(p, "exp_avg")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.config.binarize == "stochastic"
 
     def sign_ops(self) -> SignOps:
         # torch.optim refuses an empty parameter list, so there is always a first tensor.

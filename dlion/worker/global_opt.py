@@ -74,6 +74,7 @@ class GlobalOptimizer(InnerStep[AllReduceStep]):
         byzantine: Byzantine | None = None,
         seed: int = 0,
         nonfinite: str = "raise",
+        start: str = "broadcast",
     ) -> None:
         config = GlobalConfig(
             wire_dtype=wire_dtype,
@@ -82,11 +83,16 @@ class GlobalOptimizer(InnerStep[AllReduceStep]):
             byzantine=byzantine,
             seed=seed,
             nonfinite=nonfinite,  # type: ignore[arg-type]
+            start=start,  # type: ignore[arg-type]
         )
         super().__init__(inner, config=config, process_group=process_group)
         self.config: GlobalConfig = config
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
-        self._attack = attack_of(byzantine, self.rank, self.world_size)
+        self._params_changed()
+
+    def _params_changed(self) -> None:
+        """Whether this rank attacks depends on its rank, known once the transport is."""
+        self._attack = attack_of(self.config.byzantine, self.rank, self.world_size)
 
     def _prepare(self, comm: Comm | None, grads: Grads, meta: StepMeta) -> AllReduceStep:
         live = [i for i, on in enumerate(meta.present) if on]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dlion.compress.buckets import Bucket
-from dlion.compress.sign_ops import SignOps
+from dlion.compress.sign_ops import SignOps, stochastic_sign_step
 from dlion.worker.checks import all_finite_flag, first_nonfinite
 from dlion.worker.lion import lion_group_update
 
@@ -68,6 +68,9 @@ class Owner(Protocol):
     def momentum(self, p: torch.Tensor) -> torch.Tensor: ...
 
     def sign_ops(self) -> SignOps: ...
+
+    @property
+    def stochastic(self) -> bool: ...  # dlion-sto's random signs in place of sign(c)
 
 
 class Runner(Protocol):
@@ -117,7 +120,7 @@ class TensorRunner:
     ) -> list[torch.Tensor]:
         """The fused worker step of each live tensor into its bytes of ``send``; grads and
         live are the bucket's, in slot order. Returns the deferred momenta."""
-        ops = self.owner.sign_ops()
+        step = stochastic_sign_step if self.owner.stochastic else self.owner.sign_ops().sign_step
         pairs = self.owner.pairs(self.bucket)
         for j, s in enumerate(self.bucket.slots):
             if not live[j]:
@@ -131,7 +134,7 @@ class TensorRunner:
                 m = self.owner.momentum(p)
             b1, b2 = group["betas"]
             bits = send[s.byte_offset : s.byte_offset + s.nbytes]
-            ops.sign_step(g if g is not None else torch.zeros_like(p), m, bits, b1, b2, keys[j])
+            step(g if g is not None else torch.zeros_like(p), m, bits, b1, b2, keys[j])
         return list(self._pending.values())
 
     def commit(self, present: Sequence[bool]) -> None:

@@ -136,6 +136,7 @@ def build_terngrad(
     backend: str = "allgather",
     transport: str = "torch",
     timeout: timedelta | None = None,
+    start: str = "broadcast",
 ) -> TernGrad:
     """TernGrad over torch.optim.SGD(lr, momentum=betas[0], weight_decay), as in the paper.
 
@@ -145,6 +146,6 @@ def build_terngrad(
     L2 in the loss and so ternarizes it with the data gradient.
     """
     check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
-    config = TernGradConfig(seed=seed, backend=backend, transport=transport, timeout=timeout)  # type: ignore[arg-type]
+    config = TernGradConfig(seed=seed, backend=backend, transport=transport, timeout=timeout, start=start)  # type: ignore[arg-type]
     inner = torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=weight_decay)
     return TernGrad(inner, process_group, config=config)
