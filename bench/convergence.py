@@ -1,10 +1,13 @@
 """Convergence on real tasks: every optimizer, several worker counts and seeds, one table.
 
-    python -m bench.convergence [--small] [--tasks bytes,digits] [--workers 4,8]
-        [--seeds 0,1,2] [--optimizers ...] [--steps N] [--rate 1gbit] [--out DIR]
+    python -m bench.convergence [--small] [--tasks bytes,digits] [--workers 4,8,16,32]
+        [--seeds 0,1,2] [--optimizers ...] [--steps N] [--virtual-from 8] [--rate 1gbit] [--out DIR]
 
 Each run is a real ``dlion train`` job (or, with ``--rate``, ``python -m launch.cluster`` on emulated
-hosts, one worker per host, so wall time includes a shaped network), writing its report to
+hosts, one worker per host, so wall time includes a shaped network). From ``--virtual-from``
+workers on, a run is one process of virtual workers (``--virtual-workers N``: the same
+parameters as N processes, bit for bit, at the cost of N workers' compute on one machine),
+except powersgd, which needs DDP's processes; each report says which it was. It writes to
 ``DIR/runs/<task>/<optimizer>-w<N>-s<seed>/``. A run whose report already exists is not
 run again, so a long full run can be stopped and continued. The summary (bench.
 runs: table and plots per task) and the D-Lion paper's figure, final validation loss
@@ -51,7 +54,8 @@ TASK_LR: dict[str, dict[str, float]] = {
 # --small: minutes on a laptop, for newcomers and CI.
 SMALL_OPTIMIZERS = ("dlion-mavo", "adamw-global", "terngrad")
 SMALL_WORKERS, SMALL_SEEDS, SMALL_STEPS = (2,), (0,), 20
-FULL_WORKERS, FULL_SEEDS, FULL_STEPS = (4, 8), (0, 1, 2), 400
+FULL_WORKERS, FULL_SEEDS, FULL_STEPS = (4, 8, 16, 32), (0, 1, 2), 400
+VIRTUAL_FROM = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +67,7 @@ class Plan:
     steps: int
     rate: str | None
     out: Path
+    virtual_from: int = VIRTUAL_FROM
 
     def __post_init__(self) -> None:
         check_names("tasks", self.tasks, TASKS)
@@ -71,6 +76,12 @@ class Plan:
         check_ints("seeds", self.seeds, low=0)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        check_ints("virtual_from", (self.virtual_from,), low=1)
+
+    def virtual(self, optimizer: str, workers: int) -> bool:
+        """Whether a run is virtual workers: from ``virtual_from`` on, never on emulated hosts
+        (their point is the network) and never for a DDP row."""
+        return self.rate is None and workers >= self.virtual_from and not catalogue.entry(optimizer).ddp
 
     def runs(self) -> list[tuple[str, str, int, int]]:
         return [
@@ -93,6 +104,18 @@ def command(plan: Plan, task: str, optimizer: str, workers: int, seed: int) -> l
     if lr is not None:
         flags += ["--lr", str(lr)]
     out = plan.run_dir(task, optimizer, workers, seed)
+    if plan.virtual(optimizer, workers):
+        return [
+            sys.executable,
+            "-m",
+            "dlion",
+            "train",
+            "--virtual-workers",
+            str(workers),
+            *flags,
+            "--out",
+            str(out),
+        ]
     return train_argv(flags, workers=workers, out=out, rate=plan.rate)
 
 
@@ -125,6 +148,7 @@ def paper_points(reports: list[Path]) -> list[dict[str, Any]]:
                 "optimizer": optimizer,
                 "workers": workers,
                 "seeds": len(rs),
+                "virtual": any(r["config"].get("virtual_workers") for r in rs),
                 "bits_per_param_up": ledger["bits_per_param_up"],
                 "bits_per_param_down": ledger["bits_per_param_down"],
                 "final_val_loss_mean": sum(losses) / len(losses),
@@ -198,9 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="a few minutes: 2 workers, 1 seed, 3 optimizers")
     p.add_argument("--tasks", type=names, default=TASKS, help=f"default: {','.join(TASKS)}")
     p.add_argument("--optimizers", type=names, default=None, help="default: every distributed optimizer")
-    p.add_argument("--workers", type=ints, default=None, help="default: 4,8 (2 with --small)")
+    p.add_argument("--workers", type=ints, default=None, help="default: 4,8,16,32 (2 with --small)")
     p.add_argument("--seeds", type=ints, default=None, help="default: 0,1,2 (0 with --small)")
     p.add_argument("--steps", type=int, default=None, help="default: 400 (20 with --small)")
+    p.add_argument(
+        "--virtual-from",
+        type=int,
+        default=VIRTUAL_FROM,
+        help="runs of this many workers or more are virtual workers (default: %(default)s)",
+    )
     p.add_argument("--rate", default=None, help="run on emulated hosts with links of this rate (e.g. 1gbit)")
     p.add_argument("--out", type=Path, default=Path("bench-results/convergence"), help="default: %(default)s")
     return p
@@ -216,6 +246,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         steps=args.steps or (SMALL_STEPS if small else FULL_STEPS),
         rate=args.rate,
         out=args.out,
+        virtual_from=args.virtual_from,
     )
 
 
@@ -241,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pt in points:
         acc = pt["final_val_accuracy_mean"]
         print(
-            f"{pt['task']:>7} {pt['optimizer']:>13} w{pt['workers']} seeds {pt['seeds']}: "
+            f"{pt['task']:>7} {pt['optimizer']:>13} w{pt['workers']}{'v' if pt['virtual'] else ''} "
+            f"seeds {pt['seeds']}: "
             f"val loss {pt['final_val_loss_mean']:.4f} [{pt['final_val_loss_min']:.4f}, "
             f"{pt['final_val_loss_max']:.4f}]"
             + (f" acc {acc:.3f}" if acc is not None else "")

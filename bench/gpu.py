@@ -1,6 +1,6 @@
 """The GPU path on one GPU: kernels against a copy, optimizer steps against fused AdamW.
 
-    python -m bench.gpu [--log2n 28] [--layers 17] [--iters 20] [--json PATH]
+    python -m bench.gpu [--quick] [--log2n 28] [--layers 17] [--iters 20] [--json PATH]
 
 1. Each CUDA kernel on 2^log2n elements as a fraction of a device-to-device copy of the
    same bytes (bench/gpu_kernels.py). Targets: pack and the fused worker step >= 0.7.
@@ -9,6 +9,10 @@
    the communication path forced on (NCCL, sharded backend), against torch's fused AdamW
    and dlion.Lion (a torch-ops reference Lion). Target: DistributedLion <= 1.2x AdamW.
 3. Training time per step of that model on byte windows (forward, backward, step).
+4. Host synchronisation: one communicating step (world size 1, comm forced, NCCL,
+   nonfinite="skip") under torch.cuda.set_sync_debug_mode("error"): none may happen.
+
+``--quick`` (the one-call device check): 5 timed calls per row.
 """
 
 from __future__ import annotations
@@ -94,8 +98,32 @@ def step_rows(layers: int, iters: int, batch: int) -> tuple[int, int, list[StepR
     return sum(p.numel() for p in params), len(params), rows
 
 
+def sync_check(layers: int) -> str:
+    """'none', or the first synchronising call a communicating step made (its message)."""
+    nccl = dist.new_group([0], backend="nccl")
+    model = ByteGPT(ModelConfig(context=64, d_model=768, layers=layers, heads=12)).cuda()
+    params = list(model.parameters())
+    opt = DistributedLion(
+        params, lr=1e-4, force_comm=True, backend="sharded", process_group=nccl, nonfinite="skip"
+    )
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()  # the first step exchanges the fingerprint and starts the ranks equal (host reads)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        found = "none"
+    except RuntimeError as err:
+        found = str(err).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return found
+
+
 def report(
-    n: int, kernels: list[KernelRow], n_params: int, n_tensors: int, steps: list[StepRow]
+    n: int, kernels: list[KernelRow], n_params: int, n_tensors: int, steps: list[StepRow], syncs: str = "-"
 ) -> tuple[str, bool]:
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
     lines += [
@@ -111,7 +139,9 @@ def report(
     for s in steps:
         lines.append(f"{s.name:<60} {s.step_ms:8.3f} {s.of_adamw:8.2f} {s.train_ms:9.2f}")
     dlion_rows = [s for s in steps if s.name.startswith("DistributedLion") and "overlap" not in s.name]
+    lines.append(f"host synchronisations in a communicating step: {syncs}")
     ok = all(r.status != "MISS" for r in kernels) and all(s.of_adamw <= STEP_TARGET for s in dlion_rows)
+    ok = ok and syncs == "none"
     lines.append(f"targets: kernels >= 0.7 of copy, DistributedLion step <= {STEP_TARGET}x AdamW: "
                  f"{'met' if ok else 'NOT met'}")  # fmt: skip
     return "\n".join(lines), ok
@@ -128,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--iters", type=int, default=20, help="timed calls per row (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--quick", action="store_true", help="5 timed calls per row: the one-call device check")
     args = p.parse_args(argv)
+    if args.quick:
+        args.iters = 5
     if not torch.cuda.is_available():
         print("dlion bench gpu needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2
@@ -138,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels = kernel_rows(n, args.iters)
     torch.cuda.empty_cache()
     n_params, n_tensors, steps = step_rows(args.layers, args.iters, args.batch)
-    text, ok = report(n, kernels, n_params, n_tensors, steps)
+    torch.cuda.empty_cache()
+    syncs = sync_check(args.layers)
+    text, ok = report(n, kernels, n_params, n_tensors, steps, syncs)
     print(text)
     if args.json:
         blob = {
@@ -146,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": [asdict(s) for s in steps],
             "n_params": n_params,
             "n_tensors": n_tensors,
+            "host_syncs": syncs,
             "ok": ok,
         }
         args.json.write_text(json.dumps(blob, indent=2))

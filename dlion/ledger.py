@@ -52,6 +52,7 @@ class CollectiveRecord:
     world_size: int
     sent: Traffic
     received: Traffic
+    scope: str = "net"  # "node": between the ranks of one node (the hierarchical backend)
 
 
 def all_gather_traffic(chunk: Traffic, world_size: int) -> tuple[Traffic, Traffic]:
@@ -95,6 +96,7 @@ class Ledger:
     _sent: Traffic = NO_TRAFFIC
     _received: Traffic = NO_TRAFFIC
     _collectives: int = 0
+    _node_bits: list[int] = field(default_factory=lambda: [0, 0])  # sent, received inside nodes
     _step_bits: array = field(default_factory=lambda: array("q"))  # sent, received, sent, ...
 
     def begin_step(self) -> None:
@@ -122,6 +124,10 @@ class Ledger:
         received = sum((r.received for r in recs), NO_TRAFFIC)
         self._sent, self._received = self._sent + sent, self._received + received
         self._collectives += len(recs)
+        for r in recs:
+            if r.scope != "net":
+                self._node_bits[0] += r.sent.bits
+                self._node_bits[1] += r.received.bits
         self._step_bits.extend((sent.bits, received.bits))
         self.steps.append(recs)
         if self.keep_records is not None and len(self.steps) > self.keep_records:
@@ -161,6 +167,12 @@ class Ledger:
             "sent_bytes_by_kind": _whole_bytes(sent),
             "received_bytes_by_kind": _whole_bytes(received),
             "collectives_per_step": self._collectives / steps if steps else 0.0,
+            # Inside nodes (the hierarchical backend's fp32 reduce-scatter and bit all_gather),
+            # part of the totals above; the rest crossed the network between nodes.
+            "node_bytes_sent": self._node_bits[0] // 8,
+            "node_bytes_received": self._node_bits[1] // 8,
+            "node_bits_per_param_up": self._node_bits[0] / denom,
+            "node_bits_per_param_down": self._node_bits[1] / denom,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -172,6 +184,7 @@ class Ledger:
             "totals": [[getattr(t, k) for k in KINDS] for t in (self._sent, self._received)],
             "collectives": self._collectives,
             "step_bits": self._step_bits.tolist(),
+            "node_bits": list(self._node_bits),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,6 +200,7 @@ class Ledger:
         self._sent, self._received = Traffic(*map(int, sent)), Traffic(*map(int, received))
         self._collectives = int(state["collectives"])
         self._step_bits = array("q", map(int, state["step_bits"]))
+        self._node_bits = [int(v) for v in state.get("node_bits", [0, 0])]
 
 
 def _whole_bytes(t: Traffic) -> dict[str, int]:
@@ -204,9 +218,14 @@ def fp32_ring_bits_per_param(world_size: int) -> float:
 
 def saving(summary: dict[str, Any], world_size: int) -> dict[str, Any]:
     """A ledger summary beside fp32 all-reduce at the same N: the reference bits per parameter
-    each way, and how many times fewer the heavier of this run's two directions carries."""
+    each way, and how many times fewer the heavier of this run's two directions carries over
+    the network (the hierarchical backend's bytes inside nodes left out)."""
     ref = fp32_ring_bits_per_param(world_size)
-    heavier = max(float(summary["bits_per_param_up"]), float(summary["bits_per_param_down"]))
+    up, down = (
+        float(summary[f"bits_per_param_{d}"]) - float(summary.get(f"node_bits_per_param_{d}", 0.0))
+        for d in ("up", "down")
+    )
+    heavier = max(up, down)
     return {
         "fp32_allreduce_bits_per_param": ref,
         "fewer_than_fp32": ref / heavier if heavier > 0 and ref else None,
@@ -220,11 +239,17 @@ def _record_row(r: CollectiveRecord) -> list[Any]:
         r.world_size,
         [getattr(r.sent, k) for k in KINDS],
         [getattr(r.received, k) for k in KINDS],
+        r.scope,
     ]
 
 
 def _record_from_row(row: list[Any]) -> CollectiveRecord:
-    name, op, world_size, sent, received = row
+    name, op, world_size, sent, received, *scope = row  # rows saved before scopes have none
     return CollectiveRecord(
-        str(name), str(op), int(world_size), Traffic(*map(int, sent)), Traffic(*map(int, received))
+        str(name),
+        str(op),
+        int(world_size),
+        Traffic(*map(int, sent)),
+        Traffic(*map(int, received)),
+        str(scope[0]) if scope else "net",
     )

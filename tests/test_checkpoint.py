@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_train import TINY, _run
 
 from dlion.ledger import CollectiveRecord, Ledger, Traffic
 from dlion.train.checkpoint import MODEL_FILE, rank_file
 from dlion.train.faults import CHECKPOINT_KILL, FAULT_KIND_ENV, FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
 from dlion.worker.dgc import DGC
 from dlion.worker.distributed_lion import DistributedLion
+
+from test_train import TINY, _run
 
 RESUME = ["--checkpoint-every", "2"]
 

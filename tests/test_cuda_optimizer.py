@@ -140,3 +140,31 @@ def test_overlap_on_a_side_stream_equals_plain(nccl_group: object, dtype: torch.
         return [p.detach().cpu() for p in model.parameters()]
 
     _same(run(True), run(False))
+
+
+def test_a_communicating_step_never_waits_on_the_gpu(nccl_group: object) -> None:
+    """Agreed on the device (nonfinite="skip"): torch's sync debug mode "error" around a
+    communicating step raises nothing; a NaN step is skipped and counted when read."""
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
+    opt = DistributedLion(
+        params,
+        process_group=nccl_group,
+        force_comm=True,
+        backend="sharded",
+        nonfinite="skip",
+        bucket_numel=128,
+    )
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the first step checks the fingerprint and starts the ranks equal (host reads)
+    assert opt._on_device
+    params[2].grad[0] = float("nan")  # type: ignore[index]
+    before = [p.detach().clone() for p in params]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params, strict=True))
+    assert opt.skipped_steps == 1

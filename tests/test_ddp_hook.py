@@ -35,10 +35,16 @@ def _train(
     backend: str = "allgather",
     micro: int = 1,
     nan_step: int = -1,
+    flat: bool = False,
 ) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import dlion
+
+    if flat:  # flat buckets in Numba's CUDA simulator: the ranks agree on the device
+        from test_flat_runner import _flat_everywhere
+
+        _flat_everywhere()
 
     model = _model()
     opt = dlion.DistributedLion(
@@ -74,6 +80,7 @@ def _train(
         "grad": grads_local[-1],
         "launched": launched,
         "buckets": len(opt._buckets),
+        "on_device": opt._on_device,
     }
 
 
@@ -155,3 +162,15 @@ def test_attach_refuses_what_it_cannot_serve() -> None:
     model = _model()
     with pytest.raises(ValueError, match="needs a DistributedDataParallel model"):
         dlion.attach(model, dlion.DistributedLion(model.parameters()))
+
+
+def test_the_hook_on_flat_buckets_agrees_on_the_device_like_the_host() -> None:
+    """The DDP hook path with flat buckets (votes in backward, agreement and the NaN skip on
+    the device) equals plain per-tensor DistributedLion bit for bit."""
+    kw = {"vote": "majority", "backend": "sharded", "nan_step": 2}
+    hooked = run_ok(_train, 3, ddp=True, flat=True, **kw)
+    plain = run_ok(_train, 3, ddp=False, **kw)
+    for a, b in zip(hooked, plain, strict=True):
+        assert a["on_device"] and not b["on_device"]
+        assert _bits_equal(a["params"], b["params"]) and _bits_equal(a["momenta"], b["momenta"])
+        assert a["skipped"] == b["skipped"] == 1

@@ -36,6 +36,15 @@ def make_grads(world: int, seed: int = 0) -> list[list[list[np.ndarray | None]]]
     return out
 
 
+def feed_steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], rank: int, world: int) -> None:
+    """Every step of ``make_grads(world)`` on ``rank``: its gradients (None where absent), then step()."""
+    grads = make_grads(world)
+    for step in range(STEPS):
+        for p, g in zip(params, grads[step][rank], strict=True):
+            p.grad = None if g is None else torch.from_numpy(g.copy())
+        opt.step()
+
+
 def init_params() -> list[np.ndarray]:
     rng = np.random.default_rng(1234)
     return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]

@@ -137,3 +137,68 @@ def test_flat_lion_at_world_size_one_is_gated_on_the_device() -> None:
     assert skipped["same"] and skipped["unchanged"] and skipped["skipped"] == 1 and skipped["error"] is None
     (raised,) = run_ok(_alone, 1, nonfinite="raise")
     assert raised["unchanged"] and "parameter #1 (3, 5)" in raised["error"]
+
+
+def _communicating_nan(rank: int, world: int, flat: bool, nonfinite: str) -> dict[str, Any]:
+    if flat:
+        _flat_everywhere()
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(7,), (3, 5), (33,), (16, 8)]]
+    opt = DistributedLion(params, lr=0.01, weight_decay=0.1, bucket_numel=128, nonfinite=nonfinite, seed=3)
+    assert opt._on_device == flat  # flat buckets on a torch transport agree on the device
+    out: dict[str, Any] = {"error": None}
+    for step in range(4):
+        gen_r = torch.Generator().manual_seed(100 * step + rank)
+        for i, p in enumerate(params):
+            p.grad = None if (step == 1 and i == 2 and rank == 0) else torch.randn(p.shape, generator=gen_r)
+        if step == 2:
+            if rank == 1:
+                params[1].grad[1, 2] = float("nan")  # type: ignore[index]
+            before = [p.detach().clone() for p in params]
+            moms = [opt.state[p]["exp_avg"].clone() for p in params]
+            try:
+                opt.step()
+            except FloatingPointError as err:
+                out["error"] = str(err)
+            out["unchanged"] = all(torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
+            out["moms_unchanged"] = all(
+                torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moms, params, strict=True)
+            )
+            continue
+        opt.step()
+    out["params"] = [p.detach().numpy().copy() for p in params]
+    out["moms"] = [opt.state[p]["exp_avg"].numpy().copy() for p in params]
+    out["skipped"] = opt.skipped_steps
+    out["steps"] = opt.steps_taken
+    return out
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_device_agreement_skips_and_raises_like_the_host(nonfinite: str) -> None:
+    """The ranks agree on the device (the flags are device tensors, the kernels gated by them):
+    a NaN on rank 1 leaves parameters and momenta as they were, like the host's agreement,
+    bit for bit over the run; under "raise" every rank names rank 1 and the tensor."""
+    device = run_ok(_communicating_nan, 2, flat=True, nonfinite=nonfinite)
+    host = run_ok(_communicating_nan, 2, flat=False, nonfinite=nonfinite)
+    for d, h in zip(device, host, strict=True):
+        assert d["unchanged"] and d["moms_unchanged"] and h["unchanged"] and h["moms_unchanged"]
+        for a, b in zip(d["params"] + d["moms"], h["params"] + h["moms"], strict=True):
+            assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist()
+        assert d["skipped"] == h["skipped"] == (1 if nonfinite == "skip" else 0)
+        assert d["steps"] == h["steps"] == (4 if nonfinite == "skip" else 3)  # a raise counts no step
+        if nonfinite == "raise":
+            assert d["error"] == h["error"] and "rank 1, parameter #1 (3, 5)" in d["error"]
+        else:
+            assert d["error"] is None
+
+
+def test_first_nonfinite_on_device_names_the_first_bad_tensor() -> None:
+    from dlion.aggregate.meta import first_nonfinite_on_device
+
+    cpu = torch.device("cpu")
+    grads: list[torch.Tensor | None] = [torch.zeros(3), None, torch.ones(2), torch.ones(4)]
+    assert first_nonfinite_on_device(grads, cpu).tolist() == [-1]
+    grads[3][1] = float("inf")  # type: ignore[index]
+    grads[2][0] = float("nan")  # type: ignore[index]
+    assert first_nonfinite_on_device(grads, cpu).tolist() == [2]
+    assert first_nonfinite_on_device([None], cpu).tolist() == [-1]

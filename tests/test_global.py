@@ -27,7 +27,7 @@ def _params() -> list[torch.nn.Parameter]:
 
 def _global_run(rank: int, world: int, name: str) -> dict[str, object]:
     params = _params()
-    opt = build_optimizer(name, params, lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(name, params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
     for step in range(3):
         for p, g in zip(params, _grads(step, rank), strict=True):
             p.grad = g
@@ -38,7 +38,7 @@ def _global_run(rank: int, world: int, name: str) -> dict[str, object]:
 def _reference(name: str, world: int) -> list[torch.Tensor]:
     params = _params()
     inner = torch.optim.AdamW if name == "adamw-global" else dlion.Lion
-    opt = inner(params, lr=1e-2, weight_decay=0.1)
+    opt = inner(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
     for step in range(3):
         for i, p in enumerate(params):
             # Two ranks: (a + b) / 2 has one rounding whatever the reduction order.

@@ -74,9 +74,9 @@ EXPLAIN = "(the peer runs another model, config or dlion version)"
 def test_mpi_killed_rank_ends_the_job_naming_it(tmp_path: Path) -> None:
     """Under mpiexec a SIGKILLed rank takes the job down at once, and the launcher names it."""
     _mpiexec()
-    from test_train import TINY, _run
-
     from dlion.train.faults import FAULT_KIND_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
+
+    from test_train import TINY, _run
 
     cmd = [
         sys.executable,

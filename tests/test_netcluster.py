@@ -279,6 +279,11 @@ def test_network_section_sums_ranks_per_host() -> None:
     table = netreport.format_table(net)
     assert "tx/sent" in table and "1.1000" in table and table.splitlines()[-1].split()[0] == "all"
     json.dumps(net)  # the report stays plain JSON
+    # The hierarchical backend's bytes inside a node cross the loopback: out of the ledger column.
+    for r in ledgers:
+        r.update(node_bytes_sent=60, node_bytes_received=20)
+    hier = netreport.network_section(cfg.net, cfg.procs_per_host, delta, report, 1.5)
+    assert (hier["per_host"][0]["ledger_bytes_sent"], hier["per_host"][0]["ledger_bytes_received"]) == (180, 60)
 
 
 def test_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -290,3 +290,24 @@ def test_bad_flags_are_named(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "project.json").exists()
+
+
+def test_hierarchical_projection_sends_a_kth_of_the_bits_between_nodes() -> None:
+    from bench.comm_rank import tensor_numels
+    from bench.project_hier import Step, _sent, hierarchical_plan, project_rows, render
+
+    numels = tensor_numels(10_000_000)
+    flat = hierarchical_plan(64, 1, numels)  # one GPU per node: the flat sharded vote
+    hier = hierarchical_plan(64, 8, numels)
+
+    def bits(steps: list[Step]) -> int:
+        return _sent([s for s in steps if s.name != "meta"], "net")
+
+    # 2 (H-1)/H of 1/K of the bits: H = 64, K = 1 against H = 8, K = 8.
+    assert bits(hier) == pytest.approx(bits(flat) * (7 / 8) / (63 / 64) / 8, rel=0.01)
+    rows = project_rows(10_000_000, 8, [8, 64, 1024], [100.0])
+    assert all(r.hier_best_ms < r.fp32_ring_ms for r in rows)
+    assert rows[-1].hier_ring_ms < rows[-1].sharded_ring_ms  # rings over 128 nodes, not 1024 ranks
+    assert "| 100 | 1024 | 128 |" in render(rows, 10_000_000, 8)
+    with pytest.raises(ValueError, match="multiples of --per-node 8"):
+        project_rows(10_000_000, 8, [12], [100.0])

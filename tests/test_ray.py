@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, _run
 
 from dlion.train.checkpoint import rank_file
 from dlion.train.faults import FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
+
+from test_train import TINY, _run
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="needs Ray Train: pip install -e '.[ray]'"

@@ -8,7 +8,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from dlion.worker.base import CommOptimizer
-from dlion.worker.catalogue import OPTIMIZER_NAMES, build_optimizer, entry
+from dlion.worker.catalogue import build_optimizer, entry, names
 
 from multiproc import run_ok
 
@@ -24,7 +24,8 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.step()
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+# powersgd communicates inside DDP's backward, not in step(): tests/test_powersgd.py.
+@pytest.mark.parametrize("name", names(ddp=False))
 def test_a_scheduler_drives_every_optimizer_itself(name: str) -> None:
     model = _model()
     opt = build_optimizer(name, model.parameters(), lr=0.1, weight_decay=0.0)
@@ -39,6 +40,13 @@ def test_a_scheduler_drives_every_optimizer_itself(name: str) -> None:
     assert [g["lr"] for g in inner.param_groups] == [0.1]  # what the update rule reads
     _step(model, opt)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)), name
+
+
+def test_a_scheduler_drives_the_ddp_baseline_itself() -> None:
+    opt = build_optimizer("powersgd", _model().parameters(), lr=0.1, weight_decay=0.0)
+    assert isinstance(opt, torch.optim.Optimizer)
+    LambdaLR(opt, lambda s: 0.5)
+    assert opt.inner.param_groups is opt.param_groups and opt.inner.param_groups[0]["lr"] == 0.05  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", ["terngrad", "adamw-global", "lion-global"])

@@ -60,7 +60,8 @@ def test_signs_are_unbiased_for_the_clipped_direction() -> None:
 
 def test_bad_sizes_are_named() -> None:
     with pytest.raises(ValueError, match=r"grad 8, exp_avg 7"):
-        stochastic_sign_step(np.zeros(8, np.float32), np.zeros(7, np.float32), np.zeros(1, np.uint8), 0.9, 0.9, 1)
+        grad, mom = np.zeros(8, np.float32), np.zeros(7, np.float32)
+        stochastic_sign_step(grad, mom, np.zeros(1, np.uint8), 0.9, 0.9, 1)
 
 
 def test_catalogue_row_averages_stochastic_signs() -> None:

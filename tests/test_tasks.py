@@ -96,3 +96,26 @@ def test_convergence_bench_runs_and_resumes(tmp_path: Path) -> None:
     again = subprocess.run(narrower, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "[1/1]" not in again.stdout, again.stderr[-3000:]
     assert json.loads((tmp_path / "points.json").read_text()) == points
+
+
+def test_convergence_plan_runs_many_workers_as_virtual_workers(tmp_path: Path) -> None:
+    grid = {"optimizers": ("dlion-mavo", "powersgd"), "workers": (4, 16), "seeds": (0,)}
+    plan = Plan(tasks=("bytes",), **grid, steps=5, rate=None, out=tmp_path)
+    assert command(plan, "bytes", "dlion-mavo", 16, 0)[3:5] == ["train", "--virtual-workers"]
+    assert "--virtual-workers" not in command(plan, "bytes", "dlion-mavo", 4, 0)
+    assert "--virtual-workers" not in command(plan, "bytes", "powersgd", 16, 0)  # DDP needs processes
+    shaped = Plan(tasks=("bytes",), **grid, steps=5, rate="1gbit", out=tmp_path)
+    assert not shaped.virtual("dlion-mavo", 16)  # emulated hosts are there for their network
+
+
+def test_sweep_cells_name_their_hyperparameters(tmp_path: Path) -> None:
+    from bench.sweep import jobs
+
+    made = jobs("bytes", ["lion", "adamw"], workers=4, steps=400, seed=0, out=tmp_path, virtual=True)
+    labels = [j.out.name for j in made]
+    assert labels[0] == "dlion-mavo-lr0.0005-b0.8_0.9-w4-s0"
+    assert "adamw-global-lr0.004-b0.9_0.999-w4-s0" in labels
+    first = made[0].argv
+    assert first[first.index("--beta2") + 1] == "0.9" and "--virtual-workers" in first
+    with pytest.raises(ValueError, match="no sweep for families \\['sgd'\\]"):
+        jobs("bytes", ["sgd"], workers=4, steps=1, seed=0, out=tmp_path, virtual=False)

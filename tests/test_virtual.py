@@ -15,6 +15,7 @@ import torch
 
 from dlion.transport import CollectiveTimeout
 from dlion.transport.threads import ThreadGroup
+
 from test_train import TINY, _run
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from dlion import version
+from dlion.kernels.common import upload
 from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
 from dlion.transport import Comm
 
@@ -58,11 +60,34 @@ def check_fingerprint(
 
 @dataclass(frozen=True)
 class StepMeta:
-    """What all ranks agree on before the sign step."""
+    """What all ranks agree on before the sign step. Agreed on the device
+    (``exchange_step_meta_on_device``), ``present`` is a device bool[T], ``go`` a device
+    flag (every rank finite), ``bad_by_rank`` the device int32[N] of each rank's first
+    non-finite tensor, and ``bad_rank`` -1 until the host reads them (the error path only)."""
 
-    present: np.ndarray  # bool[T]: some rank has a gradient for tensor t
+    present: Any  # bool[T]: some rank has a gradient for tensor t (NumPy, or a device tensor)
     bad_rank: int  # first rank with a non-finite gradient, or -1
     bad_index: int  # that rank's first non-finite tensor, or -1
+    go: torch.Tensor | None = None
+    bad_by_rank: torch.Tensor | None = None
+
+    def settle(self) -> StepMeta:
+        """The host's view of a device agreement (reads the device: the error path only)."""
+        if self.bad_by_rank is None:
+            return self
+        bad = self.bad_by_rank.cpu().numpy()
+        ranks = np.flatnonzero(bad >= 0)
+        present = self.present.cpu().numpy()
+        if ranks.size:
+            return StepMeta(present, int(ranks[0]), int(bad[ranks[0]]))
+        return StepMeta(present, -1, -1)
+
+
+def _gather_meta(comm: Comm, send: torch.Tensor, ledger: Ledger) -> torch.Tensor:
+    gathered = comm.all_gather(send, "step metadata all_gather")
+    sent, received = all_gather_traffic(Traffic(metadata=8 * send.numel()), comm.world_size)
+    ledger.record(CollectiveRecord("meta", "all_gather", comm.world_size, sent, received))
+    return gathered
 
 
 def exchange_step_meta(comm: Comm, local_present: np.ndarray, local_bad: int, ledger: Ledger) -> StepMeta:
@@ -71,9 +96,7 @@ def exchange_step_meta(comm: Comm, local_present: np.ndarray, local_bad: int, le
     send = np.empty(4 + bits.size, np.uint8)
     send[:4] = np.array([local_bad], dtype="<i4").view(np.uint8)
     send[4:] = bits
-    gathered = comm.all_gather(torch.from_numpy(send), "step metadata all_gather").cpu().numpy()
-    sent, received = all_gather_traffic(Traffic(metadata=8 * send.size), comm.world_size)
-    ledger.record(CollectiveRecord("meta", "all_gather", comm.world_size, sent, received))
+    gathered = _gather_meta(comm, torch.from_numpy(send), ledger).cpu().numpy()
     bad = np.ascontiguousarray(gathered[:, :4]).view("<i4").reshape(-1)
     any_present = np.bitwise_or.reduce(gathered[:, 4:], axis=0)
     present = np.unpackbits(any_present, count=local_present.size).astype(bool)
@@ -81,3 +104,35 @@ def exchange_step_meta(comm: Comm, local_present: np.ndarray, local_bad: int, le
     if bad_ranks.size:
         return StepMeta(present, int(bad_ranks[0]), int(bad[bad_ranks[0]]))
     return StepMeta(present, -1, -1)
+
+
+def first_nonfinite_on_device(grads: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """A device int32[1]: the index of the first gradient holding a NaN or Inf, or -1; one
+    fused max-norm over the list, nothing read back."""
+    have = [(i, g) for i, g in enumerate(grads) if g is not None]
+    if not have:
+        return torch.full((1,), -1, dtype=torch.int32, device=device)
+    idx = [i for i, _ in have]
+    norms = torch._foreach_norm([g for _, g in have], float("inf"))
+    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+    ids = upload(np.asarray(idx, np.int32), device)
+    first = torch.where(finite, torch.iinfo(torch.int32).max, ids).min()
+    return torch.where(finite.all(), -1, first).to(torch.int32).reshape(1)
+
+
+def exchange_step_meta_on_device(
+    comm: Comm, local_present: np.ndarray, local_bad: torch.Tensor, ledger: Ledger
+) -> StepMeta:
+    """``exchange_step_meta`` with the bad index a device tensor and the result left on the
+    device: the same bytes, and the host never waits for the GPU."""
+    dev = local_bad.device
+    bits = np.packbits(local_present)
+    send = torch.empty(4 + bits.size, dtype=torch.uint8, device=dev)
+    send[:4] = local_bad.to(torch.int32).reshape(1).view(torch.uint8)  # little-endian, as "<i4"
+    send[4:] = upload(bits, dev)
+    gathered = _gather_meta(comm, send, ledger).to(dev)
+    bad = gathered[:, :4].contiguous().view(torch.int32).reshape(-1)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=dev)
+    bits_by_rank = ((gathered[:, 4:].unsqueeze(-1) >> shifts) & 1).flatten(1)
+    present = (bits_by_rank != 0).any(dim=0)[: local_present.size]
+    return StepMeta(present, -1, -1, go=(bad < 0).all().reshape(1), bad_by_rank=bad)

@@ -70,3 +70,14 @@ def verify_same_as_rank0(
                 "differs from rank 0's. Build the model from the same seed on every rank, or let the "
                 "optimizer broadcast rank 0's parameters at the first step (start='broadcast')"
             )
+
+
+def start_equal(
+    comm: Comm, mode: str, tensors: Sequence[torch.Tensor], names: Sequence[str], ledger: Ledger
+) -> None:
+    """The first step's start, by ``mode`` (CommConfig.start): rank 0's ``tensors`` broadcast,
+    or checked equal on every rank (``names`` say which in the error)."""
+    if mode == "broadcast":
+        broadcast_from_rank0(comm, tensors, ledger)
+    else:
+        verify_same_as_rank0(comm, tensors, names, ledger)

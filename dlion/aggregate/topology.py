@@ -53,7 +53,7 @@ class BucketWire:
 
 def align_bytes(topology: str, world_size: int) -> int:
     """Bucket sizes are multiples of this: whole 16-byte words per rank's shard."""
-    return WORD_BYTES * world_size if topology == "sharded" else WORD_BYTES
+    return WORD_BYTES * world_size if topology in ("sharded", "hierarchical") else WORD_BYTES
 
 
 def allgather_vote(

@@ -13,8 +13,21 @@ import torch
 
 from dlion import kernels, wire
 from dlion.compress.sign import MAJORITY_TABLE, TERNARY_TABLE, average_table, combine
+from dlion.kernels.common import upload
 
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+_TABLES: dict[tuple[bytes, str, torch.device], torch.Tensor] = {}
+
+
+def on_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A vote's small decode table on ``device``: uploaded once (pinned, without blocking the
+    host), then the same tensor every step."""
+    key = (table.tobytes(), str(table.dtype), device)
+    if key not in _TABLES:
+        _TABLES[key] = upload(table, device)
+    return _TABLES[key]
 
 
 def _flat_f32(t: torch.Tensor) -> torch.Tensor:
@@ -165,13 +178,13 @@ class TorchSignOps:
         dev = gathered.device
         if vote == "average":
             planes = torch.stack([_pack((counts >> b) & 1 == 1) for b in range(max(1, n.bit_length()))])
-            return planes, torch.from_numpy(average_table(n)).to(dev)
+            return planes, on_device(average_table(n), dev)
         win, tied = _pack(2 * counts > n), _pack(2 * counts == n)
         if n % 2 == 0 and tie == "zero":
-            return torch.stack([win, tied]), torch.from_numpy(TERNARY_TABLE).to(dev)
+            return torch.stack([win, tied]), on_device(TERNARY_TABLE, dev)
         if n % 2 == 0:
             win |= tied & _coin_bytes(tie_key + start, win.numel(), dev)
-        return win.unsqueeze(0), torch.from_numpy(MAJORITY_TABLE).to(dev)
+        return win.unsqueeze(0), on_device(MAJORITY_TABLE, dev)
 
     def apply(
         self,
@@ -215,12 +228,12 @@ class CudaSignOps:
 
         n, dev = gathered.shape[0], gathered.device
         if vote == "average":
-            return cuda_ops.count_planes(gathered), torch.from_numpy(average_table(n)).to(dev)
+            return cuda_ops.count_planes(gathered), on_device(average_table(n), dev)
         coin = n % 2 == 0 and tie != "zero"
         win, tied = cuda_ops.majority_vote(gathered, tie_key if coin else None, start)
         if n % 2 == 0 and tie == "zero":
-            return torch.stack([win, tied]), torch.from_numpy(TERNARY_TABLE).to(dev)
-        return win.unsqueeze(0), torch.from_numpy(MAJORITY_TABLE).to(dev)
+            return torch.stack([win, tied]), on_device(TERNARY_TABLE, dev)
+        return win.unsqueeze(0), on_device(MAJORITY_TABLE, dev)
 
     def apply(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from numba import njit
 
 from dlion import wire
@@ -27,6 +28,15 @@ def splitmix64(key, j):  # key: uint64, j: int -> uint64, splitmix64(key + j) as
 @njit(inline="always")
 def coin(key, j):  # key: uint64, j: int -> uint8, the top byte of splitmix64(key + j)
     return np.uint8(splitmix64(key, j) >> S56)
+
+
+def upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array as a torch tensor on ``device`` without blocking the host (pinned
+    staging for CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def as_key(key: int | np.integer) -> np.uint64:

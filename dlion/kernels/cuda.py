@@ -74,17 +74,32 @@ def bucket_sign_step(grad, kind, exp_avg, out, starts, ends, betas, keys, ok, m_
 
 
 @cuda.jit
-def bucket_apply(param, kind, planes, table, starts, ends, scalars, cautious):
+def bucket_commit(m, m_next, starts, ends, present, ok):
+    # m <- m_next for the elements of every slot s with present[s] != 0, when ok[0]: the
+    # momentum a step set aside, taken on the device once the ranks agreed on the step.
+    t, nt = cuda.threadIdx.x, cuda.blockDim.x
+    base = 8 * nt * cuda.blockIdx.x
+    slot = cuda.local.array(8, np.int64)
+    live = cuda.local.array(8, np.bool_)
+    tile_slots(starts, ends, base, t, nt, m.size if ok[0] else 0, slot, live)
+    for k in range(8):
+        if live[k] and present[slot[k]] != 0:
+            e = base + t + k * nt
+            m[e] = m_next[e]
+
+
+@cuda.jit
+def bucket_apply(param, kind, planes, table, starts, ends, scalars, cautious, ok):
     # param: [n] (kind), updated in place; planes: uint8[B, >= ceil(n/8)]; table:
     # float32[2^B]; scalars[s] = (lr, 1 - lr*wd) float32. p <- p*decay - lr*table[code],
     # with ``cautious`` no decay where table[code] and p have opposite signs. Tiles as
-    # bucket_sign_step: 8 elements per thread, loads first.
+    # bucket_sign_step: 8 elements per thread, loads first. Nothing is written unless ok[0].
     t, nt = cuda.threadIdx.x, cuda.blockDim.x
     base = 8 * nt * cuda.blockIdx.x
     slot = cuda.local.array(8, np.int64)
     live = cuda.local.array(8, np.bool_)
     ps = cuda.local.array(8, np.float32)
-    tile_slots(starts, ends, base, t, nt, param.size, slot, live)
+    tile_slots(starts, ends, base, t, nt, param.size if ok[0] else 0, slot, live)
     for k in range(8):
         if live[k]:
             ps[k] = load(param, kind, base + t + k * nt)

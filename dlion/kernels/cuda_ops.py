@@ -16,7 +16,7 @@ import torch
 
 from dlion.kernels import cuda as k
 from dlion.kernels import cuda_vote
-from dlion.kernels.common import as_key
+from dlion.kernels.common import as_key, upload
 from dlion.kernels.cuda_device import BF16, F32, SIMULATED, THREADS
 from dlion.kernels.cuda_device import cuda as nb_cuda
 
@@ -68,14 +68,6 @@ def _kind(t: torch.Tensor, name: str) -> int:
     if t.dim() != 1 or not t.is_contiguous():
         raise ValueError(f"{name} must be 1-D and contiguous, got shape {tuple(t.shape)}")
     return KINDS[t.dtype]
-
-
-def upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small host array on ``device`` without blocking the host (pinned staging)."""
-    t = torch.from_numpy(np.ascontiguousarray(values))
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -143,12 +135,25 @@ def bucket_apply(
     slots: Slots,
     lrs: torch.Tensor,
     cautious: bool,
+    ok: torch.Tensor | None = None,
 ) -> None:
-    """p <- p*(1 - lr*wd) - lr*table[code] over a flat bucket, per-slot lr and wd."""
+    """p <- p*(1 - lr*wd) - lr*table[code] over a flat bucket, per-slot lr and wd; with
+    ``ok`` (a device flag), nothing is written unless ok[0]."""
     kind = _kind(param, "param")
     _check_planes(planes, table, param.numel())
     args = (_arr(param), kind, _arr(planes), _arr(table.to(torch.float32)), _arr(slots.starts))
-    _launch(k.bucket_apply, -(-param.numel() // 8), *args, _arr(slots.ends), _arr(lrs), bool(cautious))
+    tail = (_arr(slots.ends), _arr(lrs), bool(cautious), _arr(_ok(ok, param.device)))
+    _launch(k.bucket_apply, -(-param.numel() // 8), *args, *tail)
+
+
+def bucket_commit(
+    exp_avg: torch.Tensor, m_next: torch.Tensor, slots: Slots, present: torch.Tensor, ok: torch.Tensor
+) -> None:
+    """exp_avg <- m_next in the slots where ``present`` (a device uint8[S]), when ``ok``."""
+    if exp_avg.dtype != torch.float32 or m_next.dtype != torch.float32 or exp_avg.shape != m_next.shape:
+        raise ValueError(f"need two float32 buffers of one shape, got {exp_avg.dtype}, {m_next.dtype}")
+    args = (_arr(exp_avg), _arr(m_next), _arr(slots.starts), _arr(slots.ends), _arr(present.to(torch.uint8)))
+    _launch(k.bucket_commit, -(-exp_avg.numel() // 8), *args, _arr(_ok(ok, exp_avg.device)))
 
 
 def bucket_lion(

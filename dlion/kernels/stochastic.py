@@ -103,5 +103,3 @@ def stochastic_sign_step(
     c = np.empty(grad.size, np.float32)
     _direction(grad, exp_avg, c, float(beta1), float(beta2))
     _bits(c, out, _scale(c), as_key(key))
-
-

@@ -63,10 +63,10 @@ class OptimizerSection:
     """peak learning rate (default: the optimizer's, from the catalogue)"""
     weight_decay: float | None = None
     """weight decay (default: the optimizer's, from the catalogue)"""
-    beta1: float = 0.9
-    """first momentum coefficient (SGD momentum for terngrad and dgc)"""
-    beta2: float = 0.99
-    """second momentum coefficient"""
+    beta1: float | None = None
+    """first momentum coefficient (SGD momentum for terngrad and dgc; default: the optimizer's)"""
+    beta2: float | None = None
+    """second momentum coefficient (default: the optimizer's)"""
     cautious_wd: bool = False
     """cautious weight decay (Chen et al. 2025): decay only where the update and the parameter
     agree in sign; Lion and the voting optimizers"""
@@ -85,6 +85,9 @@ class OptimizerSection:
             object.__setattr__(self, "lr", row.lr)
         if self.weight_decay is None:
             object.__setattr__(self, "weight_decay", row.weight_decay)
+        for name, default in zip(("beta1", "beta2"), row.betas, strict=True):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         check_float("lr", self.lr, low=0.0, low_open=True)
         check_float("weight_decay", self.weight_decay, low=0.0)
         for name in ("beta1", "beta2"):
@@ -101,13 +104,16 @@ class CommSection:
 
     backend: str | None = field(default=None, metadata=_choices(BACKENDS))
     """where a vote or a gather runs: sharded (each rank votes a shard), every rank on all bits
-    (allgather), or a parameter server (default: the optimizer's: sharded for the votes,
-    allgather for terngrad and dgc)"""
+    (allgather), a parameter server, or hierarchical (nodes vote; see --procs-per-node)
+    (default: the optimizer's: sharded for the votes, allgather for terngrad and dgc)"""
     server: str = field(default="rank0", metadata=_choices(SERVER_PLACEMENTS))
     """with --backend server: the server on rank 0, or a dedicated process that trains nothing
     (one process more than the workers)"""
     transport: str = field(default="torch", metadata=_choices(TRANSPORTS))
     """torch.distributed (Gloo/NCCL), or MPI through mpi4py, launched under mpiexec"""
+    procs_per_node: int | None = field(default=None, metadata={"metavar": "K"})
+    """with --backend hierarchical: ranks per node; nodes vote on their ranks' mean gradient
+    (default: the launcher's LOCAL_WORLD_SIZE)"""
     byzantine: int = field(default=0, metadata={"metavar": "K"})
     """the last K ranks attack, sending corrupted updates"""
     attack: str = field(default="flip", metadata=_choices(ATTACKS))
@@ -125,6 +131,8 @@ class CommSection:
         Byzantine(workers=self.byzantine, attack=self.attack)  # raises naming a bad value
         check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
         check_int("virtual_workers", self.virtual_workers, low=0)
+        if self.procs_per_node is not None:
+            check_int("procs_per_node", self.procs_per_node, low=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,7 +155,8 @@ class RunSection:
     """a folder every rank can reach: checkpoint there, and resume from its latest checkpoint
     when there is one (default: no checkpoints)"""
     out: str | None = None
-    """report directory (default: runs/<task>-<optimizer>[-<backend>]-w<workers>-s<seed>)"""
+    """report directory (default:
+    runs/<task>-<optimizer>[-<backend>][-mpi][-dedicated][-virtual]-w<workers>-s<seed>)"""
     overwrite: bool = False
     """replace a finished run's report in --out (without it, such a folder is refused)"""
 
@@ -206,7 +215,7 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
         """The optimizer's arguments; ``comm`` adds what only a running job knows (process
         group, server link, timeout, byzantine)."""
         assert self.lr is not None and self.weight_decay is not None  # resolved when built
-        assert self.backend is not None  # resolved when built
+        assert self.backend is not None and self.beta1 is not None and self.beta2 is not None
         return BuildArgs(
             lr=self.lr,
             weight_decay=self.weight_decay,
@@ -215,6 +224,7 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
             seed=self.seed,
             backend=self.backend,
             transport=self.transport,
+            procs_per_node=self.procs_per_node,
             powersgd_rank=self.powersgd_rank,
             powersgd_start=max(2, self.warmup_steps or 0),
             **comm,

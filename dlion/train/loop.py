@@ -250,8 +250,7 @@ def _main(argv: Sequence[str] | None) -> int:
             check_out(out_dir(cfg, cfg.virtual_workers), overwrite=cfg.overwrite)
         except ValueError as e:
             raise SystemExit(f"python -m dlion.train: error: {e}") from None
-        report = run_virtual(cfg, lambda ctx: train(cfg, ctx, started))
-        publish(report, cfg)
+        publish(run_virtual(cfg, lambda ctx: train(cfg, ctx, started)), cfg)
         return 0
     local = entry(cfg.optimizer).single_process
     try:

@@ -50,6 +50,10 @@ def bits_text(ledger: dict[str, Any], world_size: int) -> str:
     """ "1.500 bits/param up, 1.500 down; fp32 all-reduce: 48.0 each way, 32.0x fewer"."""
     up, down = ledger["bits_per_param_up"], ledger["bits_per_param_down"]
     text = f"{up:.3f} bits/param up, {down:.3f} down"
+    node_up = ledger.get("node_bits_per_param_up", 0.0)
+    if node_up:  # the hierarchical backend: what crossed the network, then inside nodes
+        net_up, net_down = up - node_up, down - ledger["node_bits_per_param_down"]
+        text = f"{net_up:.3f} bits/param up, {net_down:.3f} down between nodes ({node_up:.1f} inside nodes)"
     s = saving(ledger, world_size)
     if s["fewer_than_fp32"] is not None:
         ref, fewer = s["fp32_allreduce_bits_per_param"], s["fewer_than_fp32"]

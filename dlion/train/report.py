@@ -26,10 +26,14 @@ _SUMMARY_KEYS = (
     "one_off_bytes_received",
     "bits_per_param_up",
     "bits_per_param_down",
+    "node_bytes_sent",
+    "node_bytes_received",
+    "node_bits_per_param_up",
+    "node_bits_per_param_down",
 )
 _KIND_KEYS = KINDS
 REPORT_FILE = "report.json"
-_INT_KEYS = frozenset(_SUMMARY_KEYS[:6])
+_INT_KEYS = frozenset(k for k in _SUMMARY_KEYS if "bits_" not in k)
 
 
 def dlion_version() -> str:

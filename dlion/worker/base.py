@@ -25,21 +25,27 @@ nothing sent, unless the subclass has a rule of its own for it (``_step_alone``)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from dlion.aggregate.meta import StepMeta, check_fingerprint, exchange_step_meta
-from dlion.aggregate.start import broadcast_from_rank0, verify_same_as_rank0
+from dlion.aggregate.meta import (
+    StepMeta,
+    check_fingerprint,
+    exchange_step_meta,
+    exchange_step_meta_on_device,
+)
+from dlion.aggregate.start import start_equal
 from dlion.ledger import Ledger
 from dlion.transport import Comm, make_comm
 from dlion.worker.checks import dense_float_grads, first_nonfinite, raise_nonfinite
 from dlion.worker.config import CommConfig
 from dlion.worker.guard import gradient_digest, warn_if_averaged
 from dlion.worker.lion import run_closure
+from dlion.worker.state import fp32_state, params_with_groups
 
 Grads = list[torch.Tensor | None]
 COUNTERS = ("steps_taken", "skipped_steps")
@@ -54,17 +60,12 @@ class Plan(Protocol):
 W = TypeVar("W", bound=Plan)
 
 
-def params_with_groups(param_groups: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Each parameter beside its param group, in order. torch.optim's load_state_dict
-    replaces the group dicts, so these pairs are taken again after loading, or an LR
-    scheduler would change groups the optimizer no longer reads."""
-    return [(p, g) for g in param_groups for p in g["params"]]
-
-
 class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     """A torch.optim.Optimizer whose step() is the plan above. Subclasses fill the hooks."""
 
     STATE_KEY: ClassVar[str]  # where the counters travel in state_dict
+    _skipped: int
+    _skip_flags: list[torch.Tensor]  # device flags of steps agreed on the device: skipped?
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], *, config: CommConfig, process_group: Any
@@ -81,7 +82,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         self._comm: Comm | None = make_comm(process_group, config.timeout, config.transport)
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self.steps_taken = 0  # steps that ran, skipped ones included: keys the draws
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # counted on the host, or pending as device flags (see _settle)
         self._checked = False  # the first step's exchanges (fingerprint, start) are done
         self._buffers: list[torch.Tensor] = []  # modules' buffers that start equal too
 
@@ -121,6 +122,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
                     combined = self._exchange(comm, work, k, packet)  # phases 4-5
                     self._apply(work, k, combined)  # phase 6
                 self._finish(work)
+                self._settle(meta)  # agreed on the device: count a skip, or raise (after launching)
         finally:
             if comm is not None:
                 self.ledger.end_step()
@@ -138,6 +140,13 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     def _local(self, grads: Grads) -> int:
         """Phase 1's local work before the ranks agree; the first non-finite tensor, or -1."""
         return first_nonfinite(grads)
+
+    def _agrees_on_device(self) -> bool:
+        """Whether the agreement stays on the device; its verdict then gates every write."""
+        return False
+
+    def _local_on_device(self, grads: Grads) -> torch.Tensor:
+        raise NotImplementedError  # ``_local`` with its answer on the device: int32[1], or -1
 
     def _first_contact(self, comm: Comm) -> None:
         """After the fingerprint, once (DistributedLion greets a dedicated server here)."""
@@ -172,18 +181,13 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
             params, text = [p for p, _ in self._flat], self._config_text()
             digests = check_fingerprint(comm, params, text, self.ledger, gradients=gradient_digest(grads))
             warn_if_averaged(digests, type(self).__name__, self.ledger.n_params)
-            tensors = [*params, *self._buffers]
-            if self.config.start == "broadcast":
-                broadcast_from_rank0(comm, tensors, self.ledger)
-            else:
-                names = [
-                    *self._names,
-                    *(f"buffer #{i} {tuple(b.shape)}" for i, b in enumerate(self._buffers)),
-                ]
-                verify_same_as_rank0(comm, tensors, names, self.ledger)
+            names = [*self._names, *(f"buffer #{i} {tuple(b.shape)}" for i, b in enumerate(self._buffers))]
+            start_equal(comm, self.config.start, [*params, *self._buffers], names, self.ledger)
             self._first_contact(comm)
             self._checked = True
         present = np.array([g is not None for g in grads], dtype=bool)
+        if comm is not None and self._agrees_on_device():
+            return exchange_step_meta_on_device(comm, present, self._local_on_device(grads), self.ledger)
         bad = self._local(grads)
         if comm is None:
             return StepMeta(present, 0 if bad >= 0 else -1, bad)
@@ -232,6 +236,27 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         )
         self.skipped_steps += 1
 
+    def _settle(self, meta: StepMeta) -> None:
+        """After a step agreed on the device: under nonfinite="raise" read the flag (the one
+        read back, after every launch: the gated kernels wrote nothing) and raise on every
+        rank; under "skip" keep it, counted when ``skipped_steps`` is read."""
+        seen = meta.settle() if meta.go is not None and self.config.nonfinite == "raise" else None
+        if seen is not None and seen.bad_rank >= 0:
+            self._nonfinite(seen.bad_rank, seen.bad_index)
+        elif meta.go is not None and seen is None:
+            self._skip_flags.append(~meta.go)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (reading it reads any device flags)."""
+        self._skipped += int(torch.cat(self._skip_flags).sum()) if self._skip_flags else 0
+        self._skip_flags = []
+        return self._skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped, self._skip_flags = int(value), []
+
     def _config_text(self) -> str:
         """The config as ranks compare it: every field but the timeout, which may differ."""
         fields = asdict(self.config)
@@ -240,15 +265,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return repr(sorted(fields.items()))
 
     def _fp32_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        """state[p][name], made as zeros at first use; float32 and contiguous whatever the
-        parameter (torch's load_state_dict casts state to the parameter dtype)."""
-        state = self.state[p]
-        buf = state.get(name)
-        if buf is None:
-            buf = state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        elif buf.dtype != torch.float32 or not buf.is_contiguous():
-            buf = state[name] = buf.to(torch.float32).contiguous()
-        return buf
+        return fp32_state(self.state, p, name)
 
     def _regroup(self) -> None:
         """Take the (parameter, group) pairs again, and how errors name each tensor (its name

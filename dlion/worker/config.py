@@ -16,14 +16,14 @@ Vote = Literal["majority", "average"]
 Tie = Literal["random", "zero"]
 NonFinite = Literal["raise", "skip"]
 Transport = Literal["torch", "mpi"]
-Backend = Literal["allgather", "sharded", "server"]
+Backend = Literal["allgather", "sharded", "server", "hierarchical"]
 Start = Literal["broadcast", "verify"]
 Binarize = Literal["sign", "stochastic"]
 
 VOTES: tuple[str, ...] = ("majority", "average")
 TIES: tuple[str, ...] = ("random", "zero")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
-BACKENDS: tuple[str, ...] = ("allgather", "sharded", "server")
+BACKENDS: tuple[str, ...] = ("allgather", "sharded", "server", "hierarchical")
 BINARIZE: tuple[str, ...] = ("sign", "stochastic")
 
 
@@ -118,6 +118,9 @@ class DistributedLionConfig(CommConfig):
     overlap:      start each bucket's sign step and exchange from gradient hooks, during
                   backward (dlion.worker.overlap); one backward per step. allgather and
                   sharded backends, torch transport.
+    procs_per_node: with backend "hierarchical", the ranks per node K (None: the launcher's
+                  LOCAL_WORLD_SIZE): nodes vote, each on its K ranks' mean gradient
+                  (dlion.aggregate.hierarchy); torch transport.
     binarize:     what a worker sends: "sign", the sign of its Lion direction c (a c of 0
                   takes a fair coin), or "stochastic" (dlion-sto): a random sign, positive
                   with probability (1 + clip(c / mean|c|, -1, 1)) / 2, unbiased for that
@@ -134,6 +137,7 @@ class DistributedLionConfig(CommConfig):
     overlap: bool = False
     dedicated_server: bool = False
     binarize: Binarize = "sign"
+    procs_per_node: int | None = None
 
     @property
     def launches_in_backward(self) -> bool:
@@ -160,6 +164,17 @@ class DistributedLionConfig(CommConfig):
         if self.dedicated_server and self.backend != "server":
             raise ValueError(
                 f"server= (a dedicated parameter server) needs backend='server', not {self.backend!r}"
+            )
+        if self.procs_per_node is not None and (
+            isinstance(self.procs_per_node, bool)
+            or not isinstance(self.procs_per_node, int)
+            or self.procs_per_node < 1
+        ):
+            raise ValueError(f"procs_per_node must be an int >= 1 or None, got {self.procs_per_node!r}")
+        if self.backend == "hierarchical" and (self.transport != "torch" or self.byzantine is not None):
+            raise ValueError(
+                "backend 'hierarchical' makes torch.distributed subgroups and has no byzantine workers; "
+                f"got transport {self.transport!r}, byzantine {self.byzantine!r}"
             )
         if self.overlap and not self.launches_in_backward:
             raise ValueError(

@@ -7,19 +7,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 
-from dlion.aggregate.meta import StepMeta
-from dlion.aggregate.topology import BucketWire, align_bytes, vote_bits
-from dlion.compress.buckets import Bucket, plan_buckets
-from dlion.compress.sign import result_layout
+from dlion.aggregate.meta import StepMeta, first_nonfinite_on_device
+from dlion.compress.buckets import Bucket
 from dlion.compress.sign_ops import SignOps, ops_for
 from dlion.server import Hello, ServerClient, ServerLink
 from dlion.transport import Comm
-from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key, extend_key
 from dlion.worker.base import CommOptimizer, Grads
-from dlion.worker.byzantine import Byzantine, attack_of, corrupt_bucket
+from dlion.worker.byzantine import Byzantine, attack_of
 from dlion.worker.checks import first_nonfinite
 from dlion.worker.config import (
     Backend,
@@ -32,19 +28,29 @@ from dlion.worker.config import (
     Vote,
     check_lion_hyperparameters,
 )
+from dlion.worker.hierarchical import Hierarchy
+from dlion.worker.lion_plan import combiner, make_plan, sign_step, vote
 from dlion.worker.overlap import Launching
-from dlion.worker.runners import Encoded, Runner, TensorRunner, Voted, can_be_flat, lion_alone, stage_all
+from dlion.worker.runners import (
+    Encoded,
+    FlatRunnerLike,
+    Voted,
+    lion_alone,
+    stage_all,
+)
 
 
 @dataclass
 class LionStep:
     """A step the ranks agreed to take: which tensors any rank has a gradient for, and what
-    overlap already voted."""
+    overlap already voted. Agreed on the device, ``present`` is a device bool[T] and ``go``
+    the device flag that gates every write."""
 
     grads: Grads
-    present: np.ndarray  # bool[T]
+    present: Any  # bool[T]: NumPy, or a device tensor
     early: list[Voted] | None
     n_buckets: int
+    go: torch.Tensor | None = None
 
 
 class DistributedLion(CommOptimizer[LionStep]):
@@ -62,8 +68,9 @@ class DistributedLion(CommOptimizer[LionStep]):
          buckets, else per tensor: dlion.worker.runners). A c of exactly 0 takes a seeded
          fair coin (bit 1 = positive) so it adds no drift. With ``binarize="stochastic"``
          (dlion-sto) the bit is a seeded coin, positive with probability
-         (1 + clip(c / mean|c|, -1, 1)) / 2, so the averaged signs are unbiased. With ``byzantine``, the attacking
-         ranks then corrupt their bits (dlion.worker.byzantine); their momentum stays honest.
+         (1 + clip(c / mean|c|, -1, 1)) / 2, so the averaged signs are unbiased. With
+         ``byzantine``, the attacking ranks then corrupt their bits (dlion.worker.byzantine);
+         their momentum stays honest.
       4. Exchange, by ``backend``: "allgather" gathers every rank's bits ((N-1)/8 bytes per
          parameter each way); "sharded" runs all_to_all, a vote of this rank's shard, and an
          all_gather of the voted shards (2 (N-1)/N / 8 bytes per parameter for a 1-bit
@@ -112,13 +119,14 @@ class DistributedLion(CommOptimizer[LionStep]):
         overlap: bool = False,
         start: Start = "broadcast",
         binarize: Binarize = "sign",
+        procs_per_node: int | None = None,
     ) -> None:
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
         config = DistributedLionConfig(
             vote=vote, tie=tie, backend=backend, transport=transport, nonfinite=nonfinite, seed=seed,
             bucket_numel=bucket_numel, force_comm=force_comm, timeout=timeout, cautious_wd=cautious_wd,
             byzantine=byzantine, overlap=overlap, dedicated_server=server is not None, start=start,
-            binarize=binarize,
+            binarize=binarize, procs_per_node=procs_per_node,
         )  # fmt: skip
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         super().__init__(params, defaults, config=config, process_group=process_group)
@@ -133,12 +141,10 @@ class DistributedLion(CommOptimizer[LionStep]):
         them during backward, for the parameters and the world of now."""
         cfg = self.config
         self._attack = attack_of(cfg.byzantine, self.rank, self.world_size)
-        align = align_bytes(cfg.backend, self.world_size)
-        self._buckets: list[Bucket] = plan_buckets(
-            [p.numel() for p, _ in self._flat], cfg.bucket_numel, align
-        )
-        self._wires = [BucketWire.of(f"bucket{k}", b) for k, b in enumerate(self._buckets)]
-        self._runners: list[Runner] = [self._runner(b) for b in self._buckets]
+        plan = make_plan(self)
+        self._buckets, self._wires, self._runners = plan.buckets, plan.wires, plan.runners
+        self._slot_ids, self._on_device = plan.slot_ids, plan.on_device
+        self._hier = Hierarchy.of(self, cfg) if cfg.backend == "hierarchical" and self._comm else None
         params = [[p for p, _ in self.pairs(b)] for b in self._buckets]
         self.launching.plan(
             params, hooks=cfg.overlap, possible=cfg.launches_in_backward and self.communicates
@@ -149,16 +155,6 @@ class DistributedLion(CommOptimizer[LionStep]):
         # A dedicated server waits for every worker's bits, even with a single worker.
         forced = self._server is not None or self.config.force_comm
         return self._comm is not None and (self._comm.world_size > 1 or forced)
-
-    def _runner(self, bucket: Bucket) -> Runner:
-        """How a bucket runs, for the life of the optimizer: flat CUDA buffers, or per tensor."""
-        if self.stochastic:
-            return TensorRunner(self, bucket)
-        if can_be_flat([p for p, _ in self.pairs(bucket)]):
-            from dlion.worker.flat import FlatRunner  # loads the CUDA kernels: flat buckets only
-
-            return FlatRunner(self, bucket)
-        return TensorRunner(self, bucket)
 
     # ---- what the runners read (dlion.worker.runners.Owner)
 
@@ -199,6 +195,17 @@ class DistributedLion(CommOptimizer[LionStep]):
         self._early = self.launching.collect()
         return bad
 
+    def _agrees_on_device(self) -> bool:
+        return self._on_device
+
+    def _local_on_device(self, grads: Grads) -> torch.Tensor:
+        """Stage every bucket, launch what backward did not (overlap), and scan on the device."""
+        for runner, bucket_grads in zip(self._runners, self._per_bucket(grads), strict=True):
+            runner.bind()
+            runner.stage(bucket_grads)
+        self._early = self.launching.collect()
+        return first_nonfinite_on_device(grads, self._flat[0][0].device)
+
     def _first_contact(self, comm: Comm) -> None:
         if self._server is not None:
             cfg = self.config
@@ -207,21 +214,27 @@ class DistributedLion(CommOptimizer[LionStep]):
     def _prepare(self, comm: Comm | None, grads: Grads, meta: StepMeta) -> LionStep:
         if self._server is not None:
             self._server.begin_step(self.steps_taken)
-        return LionStep(grads, meta.present, self._early, len(self._buckets))
+        return LionStep(grads, meta.present, self._early, len(self._buckets), meta.go)
 
     def _encode(self, work: LionStep, k: int) -> Encoded | None:
         if work.early is not None:
             return None  # overlap ran phases 3-5 of this bucket during backward
-        return self._sign_step(k, self._bucket_grads(k, work.grads), work.present, defer=False)
+        if self._hier is not None:
+            return self._hier.sign_step(k, self._bucket_grads(k, work.grads), work.present)
+        if work.go is not None:  # every tensor votes; the momentum waits for the device's word
+            return sign_step(self, k, self._bucket_grads(k, work.grads), None, defer=True)
+        return sign_step(self, k, self._bucket_grads(k, work.grads), work.present, defer=False)
 
     def _exchange(self, comm: Comm | None, work: LionStep, k: int, packet: Encoded | None) -> Voted:
         if work.early is not None:
             return work.early[k]
         assert comm is not None and packet is not None
-        return self._vote(comm, k, packet, deferred=False)
+        if self._hier is not None:
+            return self._hier.vote(k, packet, combiner(self, k))
+        return vote(self, comm, k, packet, deferred=work.go is not None)
 
     def _apply(self, work: LionStep, k: int, voted: Voted) -> None:
-        self.apply_bucket(k, voted, work.present)
+        self.apply_bucket(k, voted, work.present, go=work.go)
 
     def _after_step(self) -> None:
         self._early = None
@@ -237,10 +250,20 @@ class DistributedLion(CommOptimizer[LionStep]):
         if not self.ledger.in_step:
             self.ledger.begin_step()
         self._runners[k].bind()
-        return self._vote(self._comm, k, self._sign_step(k, grads, None, defer=defer), deferred=defer)
+        return vote(self, self._comm, k, sign_step(self, k, grads, None, defer=defer), deferred=defer)
 
-    def apply_bucket(self, k: int, voted: Voted, present: np.ndarray) -> None:
-        """Phase 6 of bucket k: the same update on every rank, then any deferred momentum."""
+    def apply_bucket(self, k: int, voted: Voted, present: Any, go: torch.Tensor | None = None) -> None:
+        """Phase 6 of bucket k: the same update on every rank, then any deferred momentum.
+        With ``go`` (agreed on the device), ``present`` is a device bool[T] and the flat
+        runner writes only if go[0]: the host decides nothing."""
+        if go is not None:
+            on = present[self._slot_ids[k]]
+            runner = self._runners[k]
+            assert isinstance(runner, FlatRunnerLike)
+            runner.apply_gated(voted.planes, voted.table, on, self.config.cautious_wd, go)
+            if voted.deferred:
+                runner.commit_gated(on, go)
+            return
         live = [bool(present[s.index]) for s in self._buckets[k].slots]
         self._runners[k].apply(voted.planes, voted.table, live, self.config.cautious_wd)
         if voted.deferred:
@@ -251,39 +274,6 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     def _per_bucket(self, grads: Grads) -> list[Grads]:
         return [self._bucket_grads(k, grads) for k in range(len(self._buckets))]
-
-    def _sign_step(self, k: int, grads: Grads, present: np.ndarray | None, *, defer: bool) -> Encoded:
-        """Phase 3 of bucket k (its grads, slot order) into its send buffer. ``present`` (None:
-        every tensor) says which tensors any rank has a gradient for; this rank votes with
-        g = 0 where it has none."""
-        bucket = self._buckets[k]
-        live = [present is None or bool(present[s.index]) for s in bucket.slots]
-        send = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=self._flat[0][0].device)
-        prefix = derive_key(self.config.seed, ZERO_STREAM, self.steps_taken, self.rank)
-        keys = [extend_key(prefix, s.index) for s in bucket.slots]
-        keep = self._runners[k].sign_step(grads, live, send, keys, defer=defer)
-        if self._attack is not None:
-            at = {"seed": self.config.seed, "step": self.steps_taken, "rank": self.rank}
-            corrupt_bucket(send, bucket.slots, live, self._attack, **at)
-        return Encoded(send, keep)
-
-    def _vote(self, comm: Comm, k: int, encoded: Encoded, *, deferred: bool) -> Voted:
-        """Phases 4-5 of bucket k: the exchange picks where the vote (``combine``) runs."""
-        cfg, ops = self.config, self.sign_ops()
-        tie_key = derive_key(cfg.seed, TIE_STREAM, self.steps_taken, k)
-
-        def combine(packets: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return ops.combine(packets, vote=cfg.vote, tie=cfg.tie, tie_key=tie_key, start=start)
-
-        # Workers size a server's reply before it arrives: no length on the wire.
-        result = result_layout(vote=cfg.vote, tie=cfg.tie, n_workers=comm.world_size)
-        if self._server is not None:
-            planes = self._server.exchange(encoded.send, self._wires[k], result[0])
-            return Voted(planes, torch.from_numpy(result[1]), deferred, encoded.keep)
-        planes, table = vote_bits(
-            cfg.backend, comm, encoded.send, self._wires[k], combine, self.ledger, result
-        )
-        return Voted(planes, table, deferred, encoded.keep)
 
     def close(self) -> dict[str, Any] | None:
         """End of training, on every worker after the last step: a dedicated parameter server

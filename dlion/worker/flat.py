@@ -45,6 +45,7 @@ class FlatRunner:
         self._m_views = [self._view(self.m_flat, j, p) for j, p in enumerate(params)]
         self._grad_views = [self._view(self.grad_flat, j, p) for j, p in enumerate(params)]
         self._tables: dict[tuple[str, tuple[Any, ...]], torch.Tensor] = {}
+        self._absent: torch.Tensor | None = None  # the (lr, decay) row of an absent slot
         self.slots = cuda_ops.Slots.of(
             [s.byte_offset for s in bucket.slots], [s.numel for s in bucket.slots], dev
         )
@@ -151,6 +152,27 @@ class FlatRunner:
         cuda_ops.bucket_apply(
             self.param_flat, planes, table.to(self.param_flat.device), self.slots, lrs, cautious
         )
+
+    def apply_gated(
+        self,
+        planes: torch.Tensor,
+        table: torch.Tensor,
+        present: torch.Tensor,
+        cautious: bool,
+        go: torch.Tensor,
+    ) -> None:
+        """``apply`` with the slots' presence a device bool[S] and nothing written unless go[0]:
+        an absent slot gets lr 0 and no decay, as on the host."""
+        _, lrs = self._scalars()
+        if self._absent is None:
+            self._absent = cuda_ops.lr_table([(0.0, 0.0)], self.param_flat.device)
+        lrs = torch.where(present.reshape(-1, 1), lrs, self._absent)
+        dev = self.param_flat.device
+        cuda_ops.bucket_apply(self.param_flat, planes, table.to(dev), self.slots, lrs, cautious, ok=go)
+
+    def commit_gated(self, present: torch.Tensor, go: torch.Tensor) -> None:
+        """``commit`` with the slots' presence a device bool[S], only if go[0]."""
+        cuda_ops.bucket_commit(self.m_flat, self._next_momentum(), self.slots, present, go)
 
     def lion(self, ok: torch.Tensor, cautious: bool) -> None:
         """Plain Lion on the staged gradients; writes nothing unless the device flag ``ok``."""

@@ -12,7 +12,8 @@ Per step, with N ranks:
      vectors and the matrices too small to gain are all-reduced in fp32, then P (n x r per
      n x m matrix), orthogonalised, then Q (m x r), and M ~ P Q^T with error feedback.
   2. Record: each all-reduce at the ring's cost, 2 (N-1)/N x 32 bits per element each way
-     (the length rounded up to N whole chunks), sized from what the hook allocated for the bucket (its P and Q memory).
+     (the length rounded up to N whole chunks), sized from what the hook allocated for the
+     bucket (its P and Q memory).
   3. Step: AdamW on the averaged gradients, identical on every rank.
 
 DDP also broadcasts rank 0's parameters once when it wraps the model (a one-off, in the
@@ -135,9 +136,10 @@ class PowerSGD(torch.optim.Optimizer):
         total = 0
         for g in grads:
             rows, cols = (g.shape[0], g.numel() // g.shape[0]) if g.ndim > 1 else (0, 0)
-            compress = g.ndim > 1 and psgd._should_compress(
-                rows, cols, self.config.rank, self.config.min_compression_rate
-            )[0]
+            compress = (
+                g.ndim > 1
+                and psgd._should_compress(rows, cols, self.config.rank, self.config.min_compression_rate)[0]
+            )
             total += 0 if compress else g.numel()
         return total
 
@@ -148,7 +150,7 @@ class PowerSGD(torch.optim.Optimizer):
         self.ledger.record(CollectiveRecord(name, "all_reduce", n, sent, received))
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         if self.ddp is None:
             raise RuntimeError("PowerSGD.step() before wrap(model): the gradients were never averaged")
         loss = self.inner.step(closure)

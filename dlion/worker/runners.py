@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -92,6 +92,18 @@ class Runner(Protocol):
     ) -> None: ...
 
     def lion(self, ok: torch.Tensor, cautious: bool) -> None: ...
+
+
+@runtime_checkable
+class FlatRunnerLike(Protocol):
+    """What a flat runner adds: the apply and commit gated by device flags."""
+
+    def apply_gated(
+        self, planes: torch.Tensor, table: torch.Tensor,
+        present: torch.Tensor, cautious: bool, go: torch.Tensor,
+    ) -> None: ...  # fmt: skip
+
+    def commit_gated(self, present: torch.Tensor, go: torch.Tensor) -> None: ...
 
 
 class TensorRunner:
