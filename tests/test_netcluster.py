@@ -283,7 +283,8 @@ def test_network_section_sums_ranks_per_host() -> None:
     for r in ledgers:
         r.update(node_bytes_sent=60, node_bytes_received=20)
     hier = netreport.network_section(cfg.net, cfg.procs_per_host, delta, report, 1.5)
-    assert (hier["per_host"][0]["ledger_bytes_sent"], hier["per_host"][0]["ledger_bytes_received"]) == (180, 60)
+    h0 = hier["per_host"][0]
+    assert (h0["ledger_bytes_sent"], h0["ledger_bytes_received"]) == (180, 60)
 
 
 def test_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:

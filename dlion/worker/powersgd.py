@@ -44,6 +44,7 @@ class PowerSGDConfig:
     rank: int = 4
     start_iter: int = 10
     min_compression_rate: float = 2.0
+    bucket_cap_mb: float = 25.0  # DDP's bucket size (torch's default)
 
     def __post_init__(self) -> None:
         for name, low in (("rank", 1), ("start_iter", 2)):
@@ -98,7 +99,9 @@ class PowerSGD(torch.optim.Optimizer):
                 "torch.distributed process group (launch with torchrun or dlion train --workers N)"
             )
         n, numel = dist.get_world_size(self.group), self.ledger.n_params
-        self.ddp = nn.parallel.DistributedDataParallel(_Loss(model), process_group=self.group)
+        self.ddp = nn.parallel.DistributedDataParallel(
+            _Loss(model), process_group=self.group, bucket_cap_mb=self.config.bucket_cap_mb
+        )
         full = Traffic(payload=32 * numel)
         sent, received = (full * (n - 1), Traffic()) if dist.get_rank(self.group) == 0 else (Traffic(), full)
         self.ledger.record_extra(CollectiveRecord("start[ddp]", "broadcast", n, sent, received))
@@ -121,6 +124,11 @@ class PowerSGD(torch.optim.Optimizer):
             self.ledger.begin_step()
         warm = state.iter < state.start_powerSGD_iter  # read before the hook counts the step
         fut = psgd.powerSGD_hook(state, bucket)
+        if dist.get_backend(self.group) == "gloo":
+            # The hook chains its all-reduces in callbacks, which Gloo runs as they finish:
+            # with several DDP buckets, ranks then issued collectives in different orders
+            # (hangs; "Received data size doesn't match" at N = 4). One bucket at a time.
+            fut.wait()
         n = dist.get_world_size(self.group)
         if warm:
             self._record("bucket", bucket.buffer().numel(), n)
