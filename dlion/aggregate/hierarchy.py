@@ -90,20 +90,14 @@ def node_groups(layout: NodeLayout, timeout: timedelta | None) -> tuple[Comm, Co
     return TorchComm(node, timeout), TorchComm(cross, timeout)
 
 
-def _elements(wire: BucketWire, lo_byte: int, hi_byte: int, bits: int) -> Traffic:
-    """``bits`` per element of bytes [lo, hi) of the bucket's layout: payload and padding."""
-    payload = wire.payload_bits_in(lo_byte, hi_byte)
-    return Traffic(payload=bits * payload, padding=bits * (8 * (hi_byte - lo_byte) - payload))
-
-
 def node_mean(node: Comm, flat: torch.Tensor, wire: BucketWire, ledger: Ledger) -> torch.Tensor:
     """Phase 1: ``flat`` (float32 [8 S], the bucket's gradient layout) -> this rank's shard of
     the node's mean gradient (float32 [8 S / K]), summed in local-rank order."""
     k, me = node.world_size, node.rank
     rows = node.all_to_all(flat, f"{wire.name} gradient reduce_scatter").to(flat.device)
     s = wire.nbytes // k
-    up = sum((_elements(wire, j * s, (j + 1) * s, 32) for j in range(k) if j != me), Traffic())
-    down = _elements(wire, me * s, (me + 1) * s, 32) * (k - 1)
+    up = sum((wire.traffic(j * s, (j + 1) * s, 32) for j in range(k) if j != me), Traffic())
+    down = wire.traffic(me * s, (me + 1) * s, 32) * (k - 1)
     ledger.record(CollectiveRecord(f"{wire.name}.grads", "all_to_all", k, up, down, scope=NODE))
     total = rows[0].clone()
     for r in range(1, k):

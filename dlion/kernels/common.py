@@ -45,6 +45,19 @@ def as_key(key: int | np.integer) -> np.uint64:
     return np.uint64(int(key) & wire.MASK64)
 
 
+def check_sign_step(grad: np.ndarray, exp_avg: np.ndarray, out: np.ndarray) -> None:
+    """A worker sign step's arguments: float32 grad and exp_avg of one size, uint8 out of
+    at least ceil(n/8) bytes; ValueError naming what does not fit."""
+    check_1d("grad", grad, np.float32)
+    check_1d("exp_avg", exp_avg, np.float32)
+    check_1d("out", out, np.uint8)
+    if exp_avg.size != grad.size or out.size < (grad.size + 7) // 8:
+        raise ValueError(
+            f"size mismatch: grad {grad.size}, exp_avg {exp_avg.size}, out {out.size} bytes "
+            f"(need exp_avg == grad and out >= {(grad.size + 7) // 8})"
+        )
+
+
 def check_1d(name: str, a: np.ndarray, dtype: type | None = None) -> None:
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")

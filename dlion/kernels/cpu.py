@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from dlion.kernels.common import S56, as_key, check_1d, coin, ready_threads
+from dlion.kernels.common import S56, as_key, check_1d, check_sign_step, coin, ready_threads
 
 
 @njit(parallel=True, cache=True)
@@ -218,14 +218,7 @@ def lion_sign_step(
     out: uint8[>= ceil(n/8)] receives the packed signs of c = b1*m + (1-b1)*g.
     """
     ready_threads()
-    check_1d("grad", grad, np.float32)
-    check_1d("exp_avg", exp_avg, np.float32)
-    check_1d("out", out, np.uint8)
-    if exp_avg.size != grad.size or out.size < (grad.size + 7) // 8:
-        raise ValueError(
-            f"size mismatch: grad {grad.size}, exp_avg {exp_avg.size}, out {out.size} bytes "
-            f"(need exp_avg == grad and out >= {(grad.size + 7) // 8})"
-        )
+    check_sign_step(grad, exp_avg, out)
     _lion_sign_step(grad, exp_avg, out, float(beta1), float(beta2), as_key(zero_key))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from dlion.kernels.common import as_key, check_1d, ready_threads, splitmix64
+from dlion.kernels.common import as_key, check_sign_step, ready_threads, splitmix64
 from dlion.kernels.reference import splitmix64_ref
 
 _S40 = np.uint64(40)
@@ -32,23 +32,12 @@ def _scale(c: np.ndarray) -> np.float32:
     return np.float32(np.abs(c).sum(dtype=np.float64) / max(1, c.size))
 
 
-def _check(grad: np.ndarray, exp_avg: np.ndarray, out: np.ndarray) -> None:
-    check_1d("grad", grad, np.float32)
-    check_1d("exp_avg", exp_avg, np.float32)
-    check_1d("out", out, np.uint8)
-    if exp_avg.size != grad.size or out.size < (grad.size + 7) // 8:
-        raise ValueError(
-            f"size mismatch: grad {grad.size}, exp_avg {exp_avg.size}, out {out.size} bytes "
-            f"(need exp_avg == grad and out >= {(grad.size + 7) // 8})"
-        )
-
-
 def stochastic_sign_step_ref(
     grad: np.ndarray, exp_avg: np.ndarray, out: np.ndarray, beta1: float, beta2: float, key: int
 ) -> None:
     """Writes the packed stochastic signs of c into out[:ceil(n/8)] and updates exp_avg in
     place to b2*m + (1-b2)*g, as ``lion_sign_step_ref`` does."""
-    _check(grad, exp_avg, out)
+    check_sign_step(grad, exp_avg, out)
     n = grad.size
     b1, omb1 = np.float32(beta1), np.float32(1.0 - beta1)
     b2, omb2 = np.float32(beta2), np.float32(1.0 - beta2)
@@ -99,7 +88,7 @@ def stochastic_sign_step(
 ) -> None:
     """Fused dlion-sto worker step; see ``stochastic_sign_step_ref`` (same bits)."""
     ready_threads()
-    _check(grad, exp_avg, out)
+    check_sign_step(grad, exp_avg, out)
     c = np.empty(grad.size, np.float32)
     _direction(grad, exp_avg, c, float(beta1), float(beta2))
     _bits(c, out, _scale(c), as_key(key))

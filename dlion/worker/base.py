@@ -240,11 +240,10 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         """After a step agreed on the device: under nonfinite="raise" read the flag (the one
         read back, after every launch: the gated kernels wrote nothing) and raise on every
         rank; under "skip" keep it, counted when ``skipped_steps`` is read."""
-        seen = meta.settle() if meta.go is not None and self.config.nonfinite == "raise" else None
-        if seen is not None and seen.bad_rank >= 0:
-            self._nonfinite(seen.bad_rank, seen.bad_index)
-        elif meta.go is not None and seen is None:
+        if meta.go is not None and self.config.nonfinite == "skip":
             self._skip_flags.append(~meta.go)
+        elif meta.go is not None and (seen := meta.settle()).bad_rank >= 0:
+            self._nonfinite(seen.bad_rank, seen.bad_index)
 
     @property
     def skipped_steps(self) -> int:
