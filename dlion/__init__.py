@@ -9,6 +9,7 @@ from dlion.worker.dgc import DGC, DGCConfig
 from dlion.worker.distributed_lion import DistributedLion
 from dlion.worker.global_opt import GlobalOptimizer
 from dlion.worker.lion import Lion, lion_update
+from dlion.worker.saved_state import gather_optimizer_state, load_optimizer_state, save_optimizer_state
 from dlion.worker.terngrad import TernGrad, TernGradConfig
 
 __version__ = VERSION
@@ -27,6 +28,9 @@ __all__ = [
     "__version__",
     "attach",
     "build_optimizer",
+    "gather_optimizer_state",
     "lion_update",
+    "load_optimizer_state",
+    "save_optimizer_state",
     "split_server",
 ]

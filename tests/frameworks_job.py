@@ -93,11 +93,11 @@ def run_hf(probe: Probe, out: Path) -> tuple[Any, Any]:
     return net, trainer.optimizer
 
 
-def run_lightning(probe: Probe, out: Path) -> tuple[Any, Any]:
+def lightning_module(probe: Probe | None) -> Any:
+    """The tiny GPT-2 as a LightningModule trained by DistributedLion (steps reported to ``probe``)."""
     import lightning.pytorch as pl
 
     import dlion
-    from dlion.integrations.lightning import DistributedLionCallback
 
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
@@ -108,12 +108,21 @@ def run_lightning(probe: Probe, out: Path) -> tuple[Any, Any]:
             return self.net(**batch).loss
 
         def on_train_batch_end(self, outputs: Any, batch: Any, i: int) -> None:
-            probe.step_done(self.trainer.global_step, float(outputs["loss"]))
+            if probe is not None:
+                probe.step_done(self.trainer.global_step, float(outputs["loss"]))
 
         def configure_optimizers(self) -> Any:
             return dlion.DistributedLion(self.parameters(), lr=3e-3, weight_decay=0.1, backend="sharded")
 
-    tiny = Tiny()
+    return Tiny()
+
+
+def run_lightning(probe: Probe, out: Path) -> tuple[Any, Any]:
+    import lightning.pytorch as pl
+
+    from dlion.integrations.lightning import DistributedLionCallback
+
+    tiny = lightning_module(probe)
     loader = torch.utils.data.DataLoader(Windows(), batch_size=BATCH, shuffle=True)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, callbacks=[DistributedLionCallback()],
@@ -149,8 +158,136 @@ def run_accelerate(probe: Probe, out: Path, *, dlion_hook: bool = True) -> tuple
     return net, opt
 
 
+# ---- resumed from a checkpoint (tests/test_resume.py). FRAMEWORK hf-resume or lightning-resume:
+# an uninterrupted run and one resumed from its checkpoint; each rank's json holds both runs'
+# parameter hashes and final steps.
+
+RESUME_AT = 3  # the checkpoint's step; both runs end at twice it
+
+
+def param_digest(net: Any) -> str:
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.parameters())).hexdigest()
+
+
+def run_hf_resume(out: Path) -> dict[str, Any]:
+    """The uninterrupted run, which checkpoints at RESUME_AT, then a fresh Trainer resumed from
+    that checkpoint; the Trainer restores its RNG state, so dropout stays on."""
+    from transformers import Trainer, TrainingArguments
+
+    from dlion.integrations.hf import DistributedLionCallback, create_optimizer
+
+    def train(folder: str, resume: str | None) -> tuple[str, int]:
+        args = TrainingArguments(
+            output_dir=str(out / folder), per_device_train_batch_size=BATCH, max_steps=2 * RESUME_AT,
+            learning_rate=3e-3, weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="steps",
+            save_steps=RESUME_AT, ddp_backend="gloo", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+            ddp_find_unused_parameters=False,
+        )  # fmt: skip
+        net = model()
+        trainer = Trainer(net, args, train_dataset=Windows(), callbacks=[DistributedLionCallback()])
+        trainer.optimizer = create_optimizer(trainer, backend="sharded")
+        trainer.train(resume_from_checkpoint=resume)
+        return param_digest(net), trainer.state.global_step
+
+    whole, whole_steps = train("whole", None)
+    resumed, resumed_steps = train("resumed", str(out / "whole" / f"checkpoint-{RESUME_AT}"))
+    return {"whole": whole, "resumed": resumed, "steps": [whole_steps, resumed_steps], "resume_at": RESUME_AT}
+
+
+def run_lightning_resume(out: Path) -> dict[str, Any]:
+    """Two epochs of RESUME_AT steps, checkpointed at each epoch's end, then a fresh Trainer
+    fit from the first epoch's checkpoint. Lightning restores no RNG state: no dropout."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import dlion
+    from dlion.integrations.lightning import DistributedLionCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            config = GPT2Config(
+                vocab_size=256, n_positions=CONTEXT, n_embd=128, n_layer=2, n_head=4,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            )  # fmt: skip
+            self.net = GPT2LMHeadModel(config)
+
+        def training_step(self, batch: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+            return self.net(**batch).loss
+
+        def configure_optimizers(self) -> Any:
+            return dlion.DistributedLion(self.parameters(), lr=3e-3, weight_decay=0.1, backend="sharded")
+
+    def fit(folder: str, ckpt: str | None) -> tuple[str, int]:
+        tiny = Tiny()
+        loader = torch.utils.data.DataLoader(Windows(), batch_size=BATCH, shuffle=True)
+        saves = ModelCheckpoint(
+            dirpath=str(out / folder), filename="{epoch}", every_n_epochs=1, save_top_k=-1
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=RESUME_AT,
+            callbacks=[DistributedLionCallback(), saves], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=str(out / folder),
+        )  # fmt: skip
+        trainer.fit(tiny, loader, ckpt_path=ckpt)
+        return param_digest(tiny.net), trainer.global_step
+
+    whole, whole_steps = fit("whole", None)
+    resumed, resumed_steps = fit("resumed", str(out / "whole" / "epoch=0.ckpt"))
+    return {"whole": whole, "resumed": resumed, "steps": [whole_steps, resumed_steps], "resume_at": RESUME_AT}
+
+
+def run_clip(framework: str, out: Path) -> dict[str, Any]:
+    """The framework's own clipping (HF max_grad_norm, Lightning gradient_clip_val) at 0.1 and
+    off: the callback passes it through (the vote waits for it, in step()), so the two differ."""
+    import lightning.pytorch as pl
+    from transformers import Trainer, TrainingArguments
+
+    from dlion.integrations import hf, lightning
+
+    def hf_run(clip: float) -> tuple[str, bool | None]:
+        args = TrainingArguments(
+            output_dir=str(out / f"hf{clip}"), per_device_train_batch_size=BATCH, max_steps=6,
+            learning_rate=3e-3, weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="no",
+            ddp_backend="gloo", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+            ddp_find_unused_parameters=False, max_grad_norm=clip,
+        )  # fmt: skip
+        net, callback = model(), hf.DistributedLionCallback()
+        trainer = Trainer(net, args, train_dataset=Windows(), callbacks=[callback])
+        opt = trainer.optimizer = hf.create_optimizer(trainer, backend="sharded")
+        trainer.train()
+        return param_digest(net), opt.launching.vote_in_step
+
+    def lightning_run(clip: float) -> tuple[str, bool | None]:
+        torch.manual_seed(0)
+        tiny = lightning_module(None)
+        loader = torch.utils.data.DataLoader(Windows(), batch_size=BATCH, shuffle=False)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp", max_steps=6, gradient_clip_val=clip or None,
+            callbacks=[lightning.DistributedLionCallback()], enable_checkpointing=False, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out / f"pl{clip}"),
+        )  # fmt: skip
+        trainer.fit(tiny, loader)
+        return param_digest(tiny.net), trainer.optimizers[0].launching.vote_in_step
+
+    run = hf_run if framework == "hf-clip" else lightning_run
+    (clipped, clipped_in_step), (free, free_in_step) = run(0.1), run(0.0)
+    return {"clipped": clipped, "free": free, "vote_in_step": [clipped_in_step, free_in_step]}
+
+
 def main() -> None:
     framework, out = sys.argv[1], Path(sys.argv[2])
+    if framework in ("hf-resume", "lightning-resume", "hf-clip", "lightning-clip"):
+        if framework.endswith("-clip"):
+            record = run_clip(framework, out)
+        else:
+            resume = run_hf_resume if framework == "hf-resume" else run_lightning_resume
+            record = resume(out)
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
+        dist.barrier()
+        os._exit(0)
     if framework in ("accelerate", "ddp-fp32"):
         dist.init_process_group("gloo")  # Accelerate takes the group torchrun's variables describe
     probe = Probe()

@@ -101,8 +101,8 @@ def _attacked(attack: str | None, signs: np.ndarray, key: int) -> np.ndarray:
     raise ValueError(f"unknown attack {attack!r}")
 
 
-def start_bits(numel: int, world: int, rank: int, element_bytes: int = 4) -> tuple[int, int]:
-    """(sent, received) bits of the first step's broadcast of rank 0's ``numel`` parameters
-    of one dtype, padded to whole 16-byte words."""
-    full = 8 * -(-numel * element_bytes // 16) * 16
-    return (full * (world - 1), 0) if rank == 0 else (0, full)
+def start_bits(world: int, tensors: int) -> int:
+    """Bits every rank sends, and receives, for the start of ranks that already hold equal
+    parameters: the fingerprint (6 int64) and one CRC per tensor (int64, rows padded to whole
+    16-byte words), each an all_gather; nothing is broadcast."""
+    return (world - 1) * 64 * (6 + max(2, -(-tensors // 2) * 2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -104,14 +105,16 @@ def _first_step_error(rank: int, world: int, differ: str) -> str:
     if differ == "release" and rank == 1:
         version.VERSION = "0.0.9"
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-    return first_step_error(dlion.DistributedLion(params), params)
+    return start_error(lambda: dlion.DistributedLion(params), params)
 
 
-def first_step_error(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> str:
-    """The ValueError a first step with gradients of ones raises, or "no error"."""
-    for p in params:
-        p.grad = torch.ones_like(p)
+def start_error(build: Callable[[], torch.optim.Optimizer], params: list[torch.nn.Parameter]) -> str:
+    """The ValueError that building the optimizer (with the process group there, the ranks
+    start then) or its first step with gradients of ones raises, or "no error"."""
     try:
+        opt = build()
+        for p in params:
+            p.grad = torch.ones_like(p)
         opt.step()
     except ValueError as err:
         return str(err)

@@ -156,12 +156,37 @@ def test_detach_restores_the_all_reduce_and_the_guard_warns_without_the_hook() -
         assert "dlion.attach(ddp_model, optimizer)" in message and "bytes per parameter" in message
 
 
-def test_attach_refuses_what_it_cannot_serve() -> None:
+def _attach_plain_model(rank: int, world: int) -> str:
     import dlion
 
     model = _model()
-    with pytest.raises(ValueError, match="needs a DistributedDataParallel model"):
+    with pytest.raises(ValueError, match="needs a DistributedDataParallel model") as err:
         dlion.attach(model, dlion.DistributedLion(model.parameters()))
+    return str(err.value)
+
+
+def test_attach_refuses_what_it_cannot_serve() -> None:
+    for message in run_ok(_attach_plain_model, 2):
+        assert "without DDP, DistributedLion needs no hook" in message
+
+
+def test_attach_at_world_size_one_does_nothing_and_training_goes_on() -> None:
+    """One process (Accelerate with one process): no all-reduce to replace, as the callbacks."""
+    import dlion
+
+    model = _model()
+    opt = dlion.DistributedLion(model.parameters(), lr=0.01)
+    handle = dlion.attach(model, opt)
+    assert not handle.attached and handle.ddp is None
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 9)).sum().backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    handle.detach()  # harmless
+    with pytest.raises(ValueError, match="vote_in_step must be None, True or False"):
+        dlion.attach(model, opt, vote_in_step="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"needs a dlion\.DistributedLion"):
+        dlion.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 def test_the_hook_on_flat_buckets_agrees_on_the_device_like_the_host() -> None:

@@ -201,13 +201,12 @@ def test_ledger_matches_cost_model() -> None:
         meta_bits = (world - 1) * 8 * meta_bytes
         fp_bits = (world - 1) * 64 * 6
         expect = STEPS * (per_step_bits + meta_bits) + fp_bits
-        up, down = start_bits(payload, world, rank)
+        up = down = start_bits(world, n_tensors)
         assert led["ledger"]["bytes_sent"] * 8 == expect + up
         assert led["ledger"]["bytes_received"] * 8 == expect + down
         assert led["ledger"]["one_off_bytes_sent"] * 8 == up
-        start_payload = 4 * payload * (world - 1) if rank == 0 else 0
         sent_payload = led["ledger"]["sent_bytes_by_kind"]["payload"]
-        assert sent_payload == STEPS * (world - 1) * payload / 8 + start_payload
+        assert sent_payload == STEPS * (world - 1) * payload / 8  # ranks start equal: no broadcast
         assert led["ledger"]["steps"] == STEPS
         # The start broadcast is a one-off, outside the per-step figure.
         assert led["ledger"]["bits_per_param_up"] == pytest.approx(expect / STEPS / payload)
@@ -231,7 +230,7 @@ def test_sharded_ledger_matches_cost_model(world: int, vote: str, tie: str, plan
     fp_bits = (world - 1) * 64 * 6
     for rank in range(world):
         led = results[rank][0]["ledger"]
-        up, down = start_bits(sum(int(np.prod(s)) for s in SHAPES), world, rank)
+        up = down = start_bits(world, len(SHAPES))
         assert led["bytes_sent"] * 8 == STEPS * per_step + fp_bits + up
         assert led["bytes_received"] * 8 == STEPS * per_step + fp_bits + down
         payload = led["sent_bytes_by_kind"]["payload"] + led["received_bytes_by_kind"]["payload"]
@@ -248,15 +247,13 @@ def test_server_ledger_matches_cost_model() -> None:
     planes = 2  # counts of 0..3 votes
     meta = (world - 1) * 8 * (4 + (len(SHAPES) + 7) // 8)
     fp_bits = (world - 1) * 64 * 6
-    numel = sum(int(np.prod(s)) for s in SHAPES)
     server = results[0][0]["ledger"]
-    assert server["bytes_received"] * 8 == STEPS * ((world - 1) * bucket_bits + meta) + fp_bits
-    up = start_bits(numel, world, 0)[0]
+    up = down = start_bits(world, len(SHAPES))  # all_gathers: received as much as sent
+    assert server["bytes_received"] * 8 == STEPS * ((world - 1) * bucket_bits + meta) + fp_bits + down
     assert server["bytes_sent"] * 8 == STEPS * ((world - 1) * planes * bucket_bits + meta) + fp_bits + up
     for rank in range(1, world):
         worker = results[rank][0]["ledger"]
-        down = start_bits(numel, world, rank)[1]
-        assert worker["bytes_sent"] * 8 == STEPS * (bucket_bits + meta) + fp_bits
+        assert worker["bytes_sent"] * 8 == STEPS * (bucket_bits + meta) + fp_bits + up
         assert worker["bytes_received"] * 8 == STEPS * (planes * bucket_bits + meta) + fp_bits + down
     names = {name for name, _, _ in results[0][0]["records"][1]}
     assert any(name.endswith("[server]") for name in names)

@@ -53,13 +53,13 @@ def test_global_baselines_match_single_process() -> None:
         expect = _reference(name, 2)
         numel = sum(int(np.prod(s)) for s in SHAPES)
         padded = -(-numel // 2) * 2
-        for rank, res in enumerate(results):
+        for res in results:
             for a, b in zip(res["params"], expect, strict=True):  # type: ignore[call-overload]
                 assert torch.equal(a, b), name
             led = res["ledger"]
             meta_bits = 8 * (4 + 1)  # bad index + presence bits of 3 tensors, one per peer
             fingerprint = 64 * 6  # the first step's 6 int64, one peer
-            up = start_bits(numel, 2, rank)[0]  # rank 0's parameters, broadcast once
+            up = start_bits(2, len(SHAPES))  # fingerprint and checksums: the ranks start equal
             expect_bits = 3 * (2 * (2 - 1) * 32 * padded // 2 + meta_bits) + fingerprint + up
             assert led["bytes_sent"] * 8 == expect_bits and led["one_off_bytes_sent"] * 8 == up
             assert led["bits_per_param_up"] > 32  # ring all-reduce of fp32 is ~2(N-1)/N * 32 bits
@@ -116,13 +116,12 @@ def _three_rank_run(rank: int, world: int) -> dict[str, object]:
 def test_global_baseline_at_three_ranks() -> None:
     """The gradient buffer is padded to 33 elements so the ring's 3 chunks are whole."""
     results = run_ok(_three_rank_run, 3)
-    for rank, res in enumerate(results):
+    for res in results:
         assert torch.equal(res["param"], results[0]["param"])  # type: ignore[arg-type]
         led = res["ledger"]
         meta_bits = 2 * 8 * (4 + 1)
         fingerprint = 2 * 64 * 6  # the first step's 6 int64 to each of 2 peers
-        up = start_bits(31, 3, rank)[0]
+        up = start_bits(3, 1)
         assert led["bytes_sent"] * 8 == 2 * (2 * 2 * 32 * 33 // 3 + meta_bits) + fingerprint + up  # type: ignore[index]
-        start_padding = 2 * 4 * 8 if rank == 0 else 0  # 31 floats padded to 32, to 2 peers
-        padding_bits = 2 * (2 * 2 * 32 * 2 // 3) + start_padding
+        padding_bits = 2 * (2 * 2 * 32 * 2 // 3)  # nothing broadcast: the ranks start equal
         assert led["sent_bytes_by_kind"]["padding"] == padding_bits // 8  # type: ignore[index]

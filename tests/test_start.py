@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_bad_input import first_step_error
+from test_bad_input import start_error
 
 from multiproc import run_ok
 
@@ -44,11 +44,14 @@ def _differently_seeded(rank: int, world: int, names: tuple[str, ...], same: boo
             model[1].running_mean.fill_(0.0 if same else float(rank))
         opt = _build(name, model.parameters())
         opt.sync_buffers(model)  # type: ignore[attr-defined]
+        # The process group exists: the ranks hold rank 0's model before the first forward.
+        start = [t.detach().numpy().copy() for t in model.state_dict().values()]
         for step in range(2):
             _grads(model, rank, step)
             opt.step()
         extra = opt.ledger.extra  # type: ignore[attr-defined]
         out[name] = {
+            "start": start,
             "state": [t.detach().numpy().copy() for t in model.state_dict().values()],
             "start_records": [
                 (r.name, r.sent.bits, r.received.bits) for r in extra if r.name.startswith("start")
@@ -64,20 +67,24 @@ def test_broadcast_start_makes_differently_seeded_ranks_equal_and_is_counted() -
     results = run_ok(_differently_seeded, world, names=COMMUNICATING, same=False)
     reference = run_ok(_differently_seeded, world, names=COMMUNICATING, same=True)
     for name in COMMUNICATING:
-        states = [r[name]["state"] for r in results]
-        for rank in range(1, world):
-            for a, b in zip(states[0], states[rank], strict=True):
-                assert a.tobytes() == b.tobytes(), (name, rank)
-        # Parameters and buffers were rank 0's before the first step: 4 + 4 + 2 float32
-        # tensors of parameters (12 + 4 + 4 + 4 + 8 + 2 = 34 numbers) and BatchNorm's buffers.
-        n_params, n_buffers = 34, 4 + 4 + 1
-        records = [r[name]["start_records"] for r in results]
-        payload_bits = 32 * (n_params + n_buffers - 1) + 64  # float32s and one int64 counter
-        sent_by_rank0 = sum(bits for _, bits, _ in records[0])
+        for key in ("start", "state"):
+            states = [r[name][key] for r in results]
+            for rank in range(1, world):
+                for a, b in zip(states[0], states[rank], strict=True):
+                    assert a.tobytes() == b.tobytes(), (name, key, rank)
+        # Only the tensors that differ travel: the Linear layers' (12 + 4 + 8 + 2 = 26 numbers)
+        # and BatchNorm's running mean (4); its weight, bias, running var and counter are the
+        # same on every rank (ones, zeros, ones, 0) and only their checksums are sent.
+        sends = [[rec for rec in r[name]["start_records"] if rec[0] != "start check"] for r in results]
+        payload_bits = 32 * (26 + 4)
+        sent_by_rank0 = sum(bits for _, bits, _ in sends[0])
         assert sent_by_rank0 >= payload_bits * (world - 1), name
         for rank in range(1, world):
-            assert sum(bits for _, _, bits in records[rank]) >= payload_bits, (name, rank)
-            assert sum(bits for _, bits, _ in records[rank]) == 0, (name, rank)
+            assert sum(bits for _, _, bits in sends[rank]) >= payload_bits, (name, rank)
+            assert sum(bits for _, bits, _ in sends[rank]) == 0, (name, rank)
+        # Ranks built alike send their checksums only.
+        for r in reference:
+            assert {rec[0] for rec in r[name]["start_records"]} == {"start check"}, name
         # The broadcast is in the byte totals, not in the per-step bits (alike on every rank
         # on these default backends).
         assert results[0][name]["total_sent"] > results[1][name]["total_sent"], name
@@ -93,7 +100,7 @@ def _verify(rank: int, world: int, name: str) -> str:
     if rank == world - 1:
         with torch.no_grad():
             params[1][3] += 1.0  # the last rank's second tensor differs
-    return first_step_error(_build(name, params, start="verify"), params)
+    return start_error(lambda: _build(name, params, start="verify"), params)
 
 
 @pytest.mark.parametrize("name", ["dlion-mavo", "adamw-global"])

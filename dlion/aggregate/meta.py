@@ -5,6 +5,8 @@
   error on every rank instead of mismatched buffer sizes.
 - ``exchange_step_meta``: every step, which tensors have a gradient on each rank and
   the first non-finite gradient, so all ranks take the same branch (raise, skip, apply).
+  The same int32 also says that a gradient changed after its vote began during backward
+  (``changed_code``), so every rank refuses that step, or learns to vote in step(), together.
 """
 
 from __future__ import annotations
@@ -30,12 +32,24 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def changed_code(index: int) -> int:
+    """The metadata's int32 for "the gradient of tensor ``index`` changed after its vote began":
+    -2 - index (-1 says all is well, >= 0 names a non-finite gradient)."""
+    return -2 - index
+
+
 def check_fingerprint(
-    comm: Comm, params: Sequence[torch.Tensor], config_text: str, ledger: Ledger, *, gradients: int = 0
+    comm: Comm,
+    params: Sequence[torch.Tensor],
+    config_text: str,
+    ledger: Ledger,
+    *,
+    gradients: int = 0,
+    one_off: bool = False,
 ) -> list[int]:
     """Raise ValueError on every rank if any rank's parameters or config differ. The exchange
     also carries a digest of each rank's first gradients, which may differ (they should):
-    returns every rank's."""
+    returns every rank's. ``one_off``: outside any step (when the optimizer is built)."""
     shapes = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
     # Ranks on another dlion release may round or lay out bits differently: refuse them too.
     release = _crc(f"wire format {_FORMAT}, dlion {version.VERSION}")
@@ -43,7 +57,8 @@ def check_fingerprint(
     send = torch.tensor(mine, dtype=torch.int64)
     gathered = comm.all_gather(send, "fingerprint all_gather").cpu().tolist()
     sent, received = all_gather_traffic(Traffic(metadata=64 * len(mine)), comm.world_size)
-    ledger.record(CollectiveRecord("fingerprint", "all_gather", comm.world_size, sent, received))
+    rec = CollectiveRecord("fingerprint", "all_gather", comm.world_size, sent, received)
+    ledger.record_extra(rec) if one_off else ledger.record(rec)
     diffs = [
         f"rank {r} {name}={theirs[i]} vs rank 0 {name}={gathered[0][i]}"
         for r, theirs in enumerate(gathered)
@@ -70,17 +85,14 @@ class StepMeta:
     bad_index: int  # that rank's first non-finite tensor, or -1
     go: torch.Tensor | None = None
     bad_by_rank: torch.Tensor | None = None
+    changed_rank: int = -1  # first rank whose gradient changed after its vote began, or -1
+    changed_index: int = -1  # that rank's first such tensor
 
     def settle(self) -> StepMeta:
         """The host's view of a device agreement (reads the device: the error path only)."""
         if self.bad_by_rank is None:
             return self
-        bad = self.bad_by_rank.cpu().numpy()
-        ranks = np.flatnonzero(bad >= 0)
-        present = self.present.cpu().numpy()
-        if ranks.size:
-            return StepMeta(present, int(ranks[0]), int(bad[ranks[0]]))
-        return StepMeta(present, -1, -1)
+        return _verdict(self.present.cpu().numpy(), self.bad_by_rank.cpu().numpy())
 
 
 def _gather_meta(comm: Comm, send: torch.Tensor, ledger: Ledger) -> torch.Tensor:
@@ -100,6 +112,15 @@ def exchange_step_meta(comm: Comm, local_present: np.ndarray, local_bad: int, le
     bad = np.ascontiguousarray(gathered[:, :4]).view("<i4").reshape(-1)
     any_present = np.bitwise_or.reduce(gathered[:, 4:], axis=0)
     present = np.unpackbits(any_present, count=local_present.size).astype(bool)
+    return _verdict(present, bad)
+
+
+def _verdict(present: np.ndarray, bad: np.ndarray) -> StepMeta:
+    """The metadata's int32 per rank read: a changed gradient first, then a non-finite one."""
+    changed = np.flatnonzero(bad <= -2)
+    if changed.size:
+        r = int(changed[0])
+        return StepMeta(present, -1, -1, changed_rank=r, changed_index=changed_code(int(bad[r])))
     bad_ranks = np.flatnonzero(bad >= 0)
     if bad_ranks.size:
         return StepMeta(present, int(bad_ranks[0]), int(bad[bad_ranks[0]]))
@@ -135,4 +156,4 @@ def exchange_step_meta_on_device(
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=dev)
     bits_by_rank = ((gathered[:, 4:].unsqueeze(-1) >> shifts) & 1).flatten(1)
     present = (bits_by_rank != 0).any(dim=0)[: local_present.size]
-    return StepMeta(present, -1, -1, go=(bad < 0).all().reshape(1), bad_by_rank=bad)
+    return StepMeta(present, -1, -1, go=(bad == -1).all().reshape(1), bad_by_rank=bad)

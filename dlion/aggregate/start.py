@@ -1,9 +1,12 @@
-"""Ranks start from the same parameters: at the first step, rank 0's are broadcast to every rank
-(as DDP does when it wraps a model), or each rank's are checked against rank 0's.
+"""Ranks start from the same parameters: every rank's tensors are checked against rank 0's (an
+all_gather of one CRC per tensor), then either the tensors that differ are made rank 0's by a
+broadcast ("broadcast"), or a difference is an error ("verify").
 
-Both run once, after the fingerprint has checked that every rank holds the same shapes. The
-broadcast is one message per dtype and device, recorded in the ledger beside the steps (it is
-in the byte totals, not in the per-step bits); the check is an all_gather of one CRC per tensor.
+Both run once, after the fingerprint has checked that every rank holds the same shapes. A model
+that already starts equal (built from one seed, or wrapped by DDP, which broadcast it) costs the
+checksums only; otherwise the broadcast is one message per dtype and device of the tensors that
+differ. Both are recorded in the ledger beside the steps (in the byte totals, not in the
+per-step bits).
 """
 
 from __future__ import annotations
@@ -47,37 +50,58 @@ def broadcast_from_rank0(comm: Comm, tensors: Sequence[torch.Tensor], ledger: Le
         ledger.record_extra(CollectiveRecord(f"start[{dtype}]", "broadcast", n, sent, received))
 
 
+def _gather_checksums(comm: Comm, tensors: Sequence[torch.Tensor], ledger: Ledger) -> torch.Tensor:
+    """Every rank's CRC of each tensor: int64[N, >= T] (rows padded to whole 16-byte words)."""
+    crcs = [
+        zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for t in tensors
+    ]
+    mine = torch.zeros(max(2, round_up(len(crcs), 2)), dtype=torch.int64)
+    mine[: len(crcs)] = torch.tensor(crcs, dtype=torch.int64)
+    rows = comm.all_gather(mine, "parameter checksum all_gather").cpu()
+    sent, received = all_gather_traffic(Traffic(metadata=64 * mine.numel()), comm.world_size)
+    ledger.record_extra(CollectiveRecord("start check", "all_gather", comm.world_size, sent, received))
+    return rows
+
+
+def _differ(rows: torch.Tensor, i: int) -> list[int]:
+    """The ranks whose tensor i differs from rank 0's."""
+    return [r for r in range(1, rows.shape[0]) if rows[r, i] != rows[0, i]]
+
+
 def verify_same_as_rank0(
     comm: Comm, tensors: Sequence[torch.Tensor], names: Sequence[str], ledger: Ledger
 ) -> None:
     """Raise ValueError on every rank, naming the first tensor (and the ranks) that differs
     from rank 0's."""
-    crcs = [
-        zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        for t in tensors
-    ]
-    mine = torch.zeros(max(2, round_up(len(crcs), 2)), dtype=torch.int64)  # whole 16-byte words
-    mine[: len(crcs)] = torch.tensor(crcs, dtype=torch.int64)
-    rows = comm.all_gather(mine, "parameter checksum all_gather").cpu()
-    bits = 64 * mine.numel()
-    sent, received = all_gather_traffic(Traffic(metadata=bits), comm.world_size)
-    ledger.record_extra(CollectiveRecord("start check", "all_gather", comm.world_size, sent, received))
+    rows = _gather_checksums(comm, tensors, ledger)
     for i, name in enumerate(names):
-        differ = [r for r in range(1, rows.shape[0]) if rows[r, i] != rows[0, i]]
+        differ = _differ(rows, i)
         if differ:
             raise ValueError(
                 f"ranks start from different parameters: {name} on rank(s) {', '.join(map(str, differ))} "
                 "differs from rank 0's. Build the model from the same seed on every rank, or let the "
-                "optimizer broadcast rank 0's parameters at the first step (start='broadcast')"
+                "optimizer broadcast rank 0's parameters (start='broadcast')"
             )
+
+
+def equalize_to_rank0(comm: Comm, tensors: Sequence[torch.Tensor], ledger: Ledger) -> int:
+    """Every rank's ``tensors`` become rank 0's: checked by CRC, and only those that differ on
+    some rank are broadcast (every rank sees every CRC, so all pick the same ones). Returns how
+    many were sent."""
+    rows = _gather_checksums(comm, tensors, ledger)
+    stale = [t for i, t in enumerate(tensors) if _differ(rows, i)]
+    if stale:
+        broadcast_from_rank0(comm, stale, ledger)
+    return len(stale)
 
 
 def start_equal(
     comm: Comm, mode: str, tensors: Sequence[torch.Tensor], names: Sequence[str], ledger: Ledger
 ) -> None:
-    """The first step's start, by ``mode`` (CommConfig.start): rank 0's ``tensors`` broadcast,
+    """The start, by ``mode`` (CommConfig.start): ``tensors`` made rank 0's where they differ,
     or checked equal on every rank (``names`` say which in the error)."""
     if mode == "broadcast":
-        broadcast_from_rank0(comm, tensors, ledger)
+        equalize_to_rank0(comm, tensors, ledger)
     else:
         verify_same_as_rank0(comm, tensors, names, ledger)

@@ -21,6 +21,19 @@ step(), which checks the fingerprint first. With backend "server" (or MPI, or no
 send) the hook only silences DDP and the vote runs in step(). Gradient accumulation goes
 under ``model.no_sync()``, where DDP calls no hook. ``detach()`` (or ``optimizer.close()``)
 gives DDP back its default all-reduce.
+
+What the loop does between backward and step() (``clip_grad_norm_``, ``GradScaler``) must
+reach the vote, so it cannot start in backward then. ``vote_in_step``: True runs every vote
+in step() (the hook only silences DDP; bytes are the same, backward is not overlapped); False
+starts votes in backward, and a gradient changed after its vote began raises
+GradientChangedError on every rank; None (default) learns it at the first step, which runs in
+step() anyway: if any rank's gradients changed between backward and step(), every vote runs
+in step(), else in backward. Either way the result equals plain DistributedLion's with the
+same loop, bit for bit. DDP's own start broadcast is trusted: the optimizer checks the ranks'
+parameters by CRC and sends nothing when they are equal.
+
+At world size 1 (or without a process group) there is nothing to replace: ``attach`` returns
+a handle that does nothing, as the framework callbacks do, and training goes on.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dlion.worker.distributed_lion import DistributedLion
+from dlion.worker.state import unwrapped
 
 
 @dataclass
@@ -67,18 +81,25 @@ dlion_hook.__annotations__ = {
 
 
 class Attachment:
-    """The handle ``attach`` returns: ``detach()`` restores DDP's all-reduce."""
+    """The handle ``attach`` returns: ``detach()`` restores DDP's all-reduce. At world size 1
+    it holds no DDP module and does nothing."""
 
-    def __init__(self, ddp: DDP, optimizer: DistributedLion, state: HookState) -> None:
+    def __init__(self, ddp: DDP | None, optimizer: DistributedLion, state: HookState | None) -> None:
         self.ddp, self.optimizer, self.state = ddp, optimizer, state
 
     @property
     def attached(self) -> bool:
-        return self.state.attached
+        return self.state is not None and self.state.attached
+
+    @property
+    def vote_in_step(self) -> bool | None:
+        """Whether votes run in step() (None: the first step has not decided yet)."""
+        return self.optimizer.launching.vote_in_step if self.attached else None
 
     def detach(self) -> None:
-        self.state.detach()
-        self.optimizer.launching.stop()
+        if self.state is not None:
+            self.state.detach()
+            self.optimizer.launching.stop()
 
 
 def find_ddp(model: torch.nn.Module) -> DDP:
@@ -98,22 +119,24 @@ def find_ddp(model: torch.nn.Module) -> DDP:
 
 def unwrap_optimizer(optimizer: Any) -> DistributedLion:
     """The DistributedLion inside a framework's wrapper (Accelerate's, Lightning's)."""
-    seen = optimizer
-    for _ in range(4):
-        if isinstance(seen, DistributedLion):
-            return seen
-        seen = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
-    raise ValueError(f"dlion.attach needs a dlion.DistributedLion optimizer, got {type(optimizer).__name__}")
+    return unwrapped(optimizer, DistributedLion, "dlion.attach needs a dlion.DistributedLion optimizer")
 
 
-def attach(model: torch.nn.Module, optimizer: Any) -> Attachment:
+def attach(model: torch.nn.Module, optimizer: Any, *, vote_in_step: bool | None = None) -> Attachment:
     """Replace DDP's gradient all-reduce with DistributedLion's vote (see the module doc).
 
     ``model``: a DistributedDataParallel module, or one that holds one (Accelerate's and
     Lightning's wrapped models are DDP). ``optimizer``: a DistributedLion over the model's
-    parameters, or a framework's wrapper of one. Call before the first backward.
+    parameters, or a framework's wrapper of one. ``vote_in_step``: where votes run (module
+    doc); pass True when the loop clips or unscales gradients between backward and step().
+    Call before the first backward.
     """
-    ddp, opt = find_ddp(model), unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
+    if vote_in_step not in (None, True, False):
+        raise ValueError(f"vote_in_step must be None, True or False, got {vote_in_step!r}")
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return Attachment(None, opt, None)  # one process: no all-reduce to replace
+    ddp = find_ddp(model)
     held = {id(p) for group in opt.param_groups for p in group["params"]}
     orphan = next(
         (n for n, p in ddp.module.named_parameters() if p.requires_grad and id(p) not in held), None
@@ -130,7 +153,6 @@ def attach(model: torch.nn.Module, optimizer: Any) -> Attachment:
             "build DistributedLion over the same process group as DDP"
         )
     state = HookState(opt, group)
-    opt.launching.attach_ddp(on_stop=state.detach)
-    opt._params_changed()  # a launcher for DDP's hook, where buckets can start in backward
+    opt.launching.attach_ddp(on_stop=state.detach, vote_in_step=vote_in_step)
     ddp.register_comm_hook(state, dlion_hook)
     return Attachment(ddp, opt, state)

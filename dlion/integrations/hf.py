@@ -10,21 +10,36 @@ wraps it and calls ``dlion.attach`` at the start of training, and detaches at th
 ``create_optimizer`` builds the optimizer as ``Trainer.create_optimizer`` builds AdamW: the
 parameters the Trainer decays (not biases, not norms) in one group with the arguments' weight
 decay, the others without, at the arguments' learning rate (Lion wants a smaller one than
-AdamW, and a larger weight decay). Build it after the Trainer: the
-Trainer's arguments make the process group DistributedLion talks through.
+AdamW, and a larger weight decay). Its betas are Lion's own (0.9, 0.99), not the arguments'
+Adam betas, unless passed. Build it after the Trainer: the Trainer's arguments make the
+process group DistributedLion talks through.
+
+Checkpoints: the Trainer writes optimizer.pt from rank 0 alone and loads it on every rank,
+right when every rank's optimizer state is the same (AdamW under DDP), not for
+DistributedLion, whose momentum is each rank's own. ``on_save``, which the Trainer calls on
+every rank after writing a checkpoint, gathers every rank's state and the ranks that wrote
+optimizer.pt (``should_save``) write it again with the gathered state; DistributedLion's
+``load_state_dict`` takes its own entry on every rank, so ``train(resume_from_checkpoint=...)``
+continues the uninterrupted run. Resume with the same number of ranks.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dlion.integrations.ddp import Attachment, attach
+from dlion.integrations.ddp import Attachment, attach, unwrap_optimizer
 from dlion.worker.distributed_lion import DistributedLion
+from dlion.worker.saved_state import gather_optimizer_state
 
 
 def wrapper_of(model: torch.nn.Module) -> DDP | None:
@@ -43,12 +58,37 @@ class DistributedLionCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ddp = wrapper_of(kwargs["model"])
         if ddp is not None and self.attachment is None:  # one process: no DDP, nothing to do
-            self.attachment = attach(ddp, kwargs["optimizer"])
+            # The Trainer clips (max_grad_norm) and unscales (fp16) between backward and step:
+            # the vote waits for them, in step().
+            changes = bool(args.max_grad_norm and args.max_grad_norm > 0) or bool(args.fp16)
+            self.attachment = attach(ddp, kwargs["optimizer"], vote_in_step=True if changes else None)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.attachment is not None:
             self.attachment.detach()
             self.attachment = None
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Every rank, after the Trainer wrote a checkpoint: its optimizer.pt holds every rank's
+        state, gathered, wherever the Trainer wrote it (rank 0, or each node's first rank)."""
+        opt = unwrap_optimizer(kwargs["optimizer"])
+        comm = opt.comm_now()
+        if args.save_only_model or comm is None or comm.world_size == 1:
+            return  # no optimizer.pt, or rank 0's state is the only one
+        gathered = gather_optimizer_state(opt, receive=bool(args.should_save))
+        if gathered is None:
+            return
+        file = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / OPTIMIZER_NAME
+        if not file.is_file():  # written elsewhere (a hyperparameter search's run folder)
+            warnings.warn(
+                f"DistributedLionCallback: no {file} to replace with every rank's optimizer state; "
+                "resuming from this checkpoint will refuse rank 0's state on the other ranks",
+                stacklevel=2,
+            )
+            return
+        tmp = file.with_name(file.name + ".tmp")
+        torch.save(gathered, tmp)
+        os.replace(tmp, file)  # a reader never sees half a file
 
 
 def create_optimizer(trainer: Trainer, **dlion_kwargs: Any) -> DistributedLion:
@@ -61,7 +101,5 @@ def create_optimizer(trainer: Trainer, **dlion_kwargs: Any) -> DistributedLion:
         {"params": [(n, p) for n, p in named if n in decay], "weight_decay": args.weight_decay},
         {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
-    betas = dlion_kwargs.pop("betas", (args.adam_beta1, args.adam_beta2))
-    return DistributedLion(
-        [g for g in groups if g["params"]], lr=args.learning_rate, betas=betas, **dlion_kwargs
-    )
+    # Lion's own betas (DistributedLion's defaults), not the arguments' Adam ones (0.9, 0.999).
+    return DistributedLion([g for g in groups if g["params"]], lr=args.learning_rate, **dlion_kwargs)

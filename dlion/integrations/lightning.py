@@ -9,6 +9,13 @@
 Lightning's own ``ddp_comm_hook`` option registers only on CUDA; this callback attaches to
 the strategy's DDP module at the start of training, whatever the device, and detaches at the
 end. The first optimizer that is a DistributedLion is the one attached.
+
+Checkpoints: ``Trainer.save_checkpoint`` runs on every rank and writes rank 0's checkpoint
+alone; each rank's DistributedLion momentum is its own, so ``on_save_checkpoint`` swaps each
+DistributedLion's entry of ``optimizer_states`` for every rank's state, gathered on rank 0.
+``Trainer.fit(ckpt_path=...)`` loads it on every rank, and each DistributedLion keeps its own
+entry: the run goes on as if never stopped (resume with the same number of ranks; from a
+mid-epoch checkpoint only with a resumable dataloader, as Lightning warns).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dlion.integrations.ddp import Attachment, attach
 from dlion.worker.distributed_lion import DistributedLion
+from dlion.worker.saved_state import gather_optimizer_state
 
 
 class DistributedLionCallback(pl.Callback):
@@ -35,9 +43,25 @@ class DistributedLionCallback(pl.Callback):
             raise ValueError(
                 "DistributedLionCallback needs configure_optimizers to return a dlion.DistributedLion"
             )
-        self.attachment = attach(model, opt)
+        # Lightning clips (gradient_clip_val) and unscales (16-mixed's GradScaler) between
+        # backward and step: the vote waits for them, in step().
+        scales = getattr(trainer.precision_plugin, "scaler", None) is not None
+        changes = bool(trainer.gradient_clip_val) or scales
+        self.attachment = attach(model, opt, vote_in_step=True if changes else None)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.attachment is not None:
             self.attachment.detach()
             self.attachment = None
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Every rank, while Lightning builds a checkpoint: every rank's DistributedLion state,
+        gathered, in place of rank 0's own where the checkpoint is written."""
+        states = checkpoint.get("optimizer_states")
+        if states is None or trainer.world_size == 1:
+            return  # weights only, or one process: rank 0's state is the only one
+        for i, opt in enumerate(trainer.optimizers):
+            if isinstance(opt, DistributedLion):
+                gathered = gather_optimizer_state(opt, receive=bool(trainer.is_global_zero))
+                if gathered is not None:
+                    states[i] = gathered

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numba
 import numpy as np
 import torch
 from numba import njit
@@ -65,15 +66,35 @@ def check_1d(name: str, a: np.ndarray, dtype: type | None = None) -> None:
         raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
 
 
-_threads_ready = False
-
-
 def ready_threads() -> None:
-    """Called before the first parallel kernel: Numba's OpenMP threads otherwise spin after
-    every kernel, costing milliseconds per call when ranks share cores. OpenMP reads
-    OMP_WAIT_POLICY when Numba first loads it, which is at that first kernel; a user's own
-    setting wins. Importing dlion changes nothing in the environment."""
-    global _threads_ready
-    if not _threads_ready:
-        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-        _threads_ready = True
+    """Called before every parallel kernel. Numba runs as many threads as torch has (the
+    launcher's OMP_NUM_THREADS, torch.set_num_threads), set per calling thread, so ranks that
+    share cores do not oversubscribe them. At one thread GNU OpenMP's pool is never woken, so
+    no thread spins after the kernel; at more it spins as after torch's own operations (the
+    wait policy was read when torch loaded the runtime). With NUMBA_NUM_THREADS exported,
+    Numba's count is the user's: it is left alone."""
+    if not _launched:
+        _launch()
+    if not _numba_from_env:
+        n = min(torch.get_num_threads(), _numba_max)
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+
+
+_launched = False
+_numba_from_env = False
+_numba_max = 1
+
+
+def _launch() -> None:
+    """Start Numba's threading layer without changing torch's thread count: Numba's OpenMP
+    layer calls omp_set_num_threads(NUMBA_NUM_THREADS) on the launching thread, and torch
+    reads its count from that same runtime."""
+    global _launched, _numba_from_env, _numba_max
+    torch_threads = torch.get_num_threads()
+    numba.get_num_threads()  # launches the layer, once per process
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    _numba_from_env = "NUMBA_NUM_THREADS" in os.environ
+    _numba_max = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    _launched = True

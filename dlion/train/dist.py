@@ -22,7 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numba
 import torch
 import torch.distributed as dist
 
@@ -80,11 +79,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def set_thread_counts(local_world_size: int) -> int:
-    """Split this machine's cores between its ranks, so N workers do not oversubscribe them."""
+    """Split this machine's cores between its ranks, so N workers do not oversubscribe them.
+    Numba's kernels follow torch's count (dlion.kernels.common.ready_threads); starting Numba
+    here would set OpenMP's count, which torch reads, to NUMBA_NUM_THREADS."""
     threads = max(1, cpu_count() // max(1, local_world_size))
     torch.set_num_threads(threads)
-    # NUMBA_NUM_THREADS is fixed at import; one can only go below it.
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     return threads
 
 

@@ -7,13 +7,16 @@ file, holding only their own math and wire format. The base owns what keeps the 
 - the transport, handed in or made once (``make_comm``), and the byte ledger;
 - phase 1, check: every gradient dense floating point; the local work before agreement
   (``_local``: staging, the non-finite scan);
+- the start: ranks hold rank 0's parameters before the first forward when the process group
+  exists at construction (checked by CRC, sent where they differ: dlion.aggregate.start),
+  else at the first step;
 - phase 2, agree: on the first step a fingerprint all_gather (6 int64 per rank) of the dlion
   release, the parameter list, the config and a digest of the gradients (the same on every
   rank means they arrived averaged: every rank warns, dlion.worker.guard); every step the
   metadata all_gather (4 + ceil(T/8) bytes per rank) of which tensors have a gradient on
   some rank and the first non-finite one. Every rank then takes the same branch: raise
-  NonFiniteGradientError naming the rank and tensor, skip the step (nonfinite="skip"), or
-  go on;
+  NonFiniteGradientError naming the rank and tensor, skip the step (nonfinite="skip", or a
+  GradScaler's overflow: dlion.worker.amp), or go on;
 - phases 3 to 6, per bucket: ``_encode``, ``_exchange`` (the topology runs the combine where
   it belongs: on every rank, on a shard, at a server), ``_apply``; then ``_finish``;
 - the step counters, which key every rank's random draws and travel in ``state_dict``.
@@ -24,9 +27,7 @@ nothing sent, unless the subclass has a rule of its own for it (``_step_alone``)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -34,18 +35,18 @@ import torch
 
 from dlion.aggregate.meta import (
     StepMeta,
-    check_fingerprint,
     exchange_step_meta,
     exchange_step_meta_on_device,
 )
-from dlion.aggregate.start import start_equal
 from dlion.ledger import Ledger
 from dlion.transport import Comm, make_comm
-from dlion.worker.checks import dense_float_grads, first_nonfinite, raise_nonfinite
-from dlion.worker.config import CommConfig
-from dlion.worker.guard import gradient_digest, warn_if_averaged
+from dlion.worker.amp import take_loss_scale
+from dlion.worker.checks import GradientChangedError, dense_float_grads, first_nonfinite, raise_nonfinite
+from dlion.worker.config import CommConfig, NonFinite
 from dlion.worker.lion import run_closure
-from dlion.worker.state import fp32_state, params_with_groups
+from dlion.worker.saved_state import load_keeping_dtypes, own_state
+from dlion.worker.starting import Starting, config_text, refuse_training_alone
+from dlion.worker.state import fp32_state, params_with_groups, tensor_names
 
 Grads = list[torch.Tensor | None]
 COUNTERS = ("steps_taken", "skipped_steps")
@@ -64,6 +65,8 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     """A torch.optim.Optimizer whose step() is the plan above. Subclasses fill the hooks."""
 
     STATE_KEY: ClassVar[str]  # where the counters travel in state_dict
+    PER_RANK_STATE: ClassVar[bool] = False  # each rank's state is its own: it records the rank
+    _step_supports_amp_scaling = True  # GradScaler steps every rank (dlion.worker.amp)
     _skipped: int
     _skip_flags: list[torch.Tensor]  # device flags of steps agreed on the device: skipped?
 
@@ -73,18 +76,15 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         super().__init__(params, defaults)
         self.config = config
         self._regroup()
-        for i, (p, _) in enumerate(self._flat):
-            if not p.is_floating_point():
-                raise TypeError(
-                    f"{type(self).__name__} needs floating-point parameters; {self._names[i]} is {p.dtype}"
-                )
         self._group = process_group  # the comm is made again at the first step if it was not now
         self._comm: Comm | None = make_comm(process_group, config.timeout, config.transport)
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self.steps_taken = 0  # steps that ran, skipped ones included: keys the draws
         self.skipped_steps = 0  # counted on the host, or pending as device flags (see _settle)
-        self._checked = False  # the first step's exchanges (fingerprint, start) are done
-        self._buffers: list[torch.Tensor] = []  # modules' buffers that start equal too
+        self._starting = Starting(type(self).__name__, config.start, self.ledger)
+        self._policy: NonFinite = config.nonfinite  # this step's: "skip" under a GradScaler
+        if self._comm is not None and self._comm.world_size > 1:
+            self._start(self._comm)
 
     @property
     def world_size(self) -> int:
@@ -103,7 +103,8 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = run_closure(closure)
         grads = dense_float_grads(type(self).__name__, [p for p, _ in self._flat], self._names)
-        if not self._checked:
+        self._policy = "skip" if take_loss_scale(self, grads) else self.config.nonfinite
+        if not self._starting.checked:
             self._resolve_comm()
         comm = self._comm if self.communicates else None
         if comm is None and self._step_alone(grads):
@@ -113,6 +114,8 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
             self.ledger.begin_step()
         try:
             meta = self._agree(comm, grads)  # phases 1-2
+            if meta.changed_rank >= 0:
+                self._grads_changed(meta.changed_rank, meta.changed_index)  # raises, or goes on
             if meta.bad_rank >= 0:
                 self._nonfinite(meta.bad_rank, meta.bad_index)  # raises, or skips the step
             else:
@@ -176,15 +179,15 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
 
     # ---- what the hooks share
 
+    def _start(self, comm: Comm | None) -> None:
+        assert comm is not None
+        self._starting.start(comm, [p for p, _ in self._flat], self._names, self._config_text())
+
     def _agree(self, comm: Comm | None, grads: Grads) -> StepMeta:
-        if comm is not None and not self._checked:
+        if comm is not None and not self._starting.checked:
             params, text = [p for p, _ in self._flat], self._config_text()
-            digests = check_fingerprint(comm, params, text, self.ledger, gradients=gradient_digest(grads))
-            warn_if_averaged(digests, type(self).__name__, self.ledger.n_params)
-            names = [*self._names, *(f"buffer #{i} {tuple(b.shape)}" for i, b in enumerate(self._buffers))]
-            start_equal(comm, self.config.start, [*params, *self._buffers], names, self.ledger)
+            self._starting.first_step(comm, params, self._names, text, grads)
             self._first_contact(comm)
-            self._checked = True
         present = np.array([g is not None for g in grads], dtype=bool)
         if comm is not None and self._agrees_on_device():
             return exchange_step_meta_on_device(comm, present, self._local_on_device(grads), self.ledger)
@@ -197,33 +200,27 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         """The transport, if the process group came after the optimizer was built (Hugging
         Face's TrainingArguments makes it): made now, and the subclass re-plans. Refuse a
         launch that says it has several ranks but made no group: every rank would train alone."""
-        if self._comm is None:
-            self._comm = make_comm(self._group, self.config.timeout, self.config.transport)
-            if self._comm is not None:
-                self._params_changed()
-        world = os.environ.get("WORLD_SIZE", "1")
-        if self._comm is None and world.isdigit() and int(world) > 1:
-            raise RuntimeError(
-                f"WORLD_SIZE={world} but no torch.distributed process group exists at the first step of "
-                f"{type(self).__name__}: every rank would train its own model. Call "
-                "torch.distributed.init_process_group() (or build your framework's arguments) first"
-            )
+        if self.comm_now() is None:
+            refuse_training_alone(type(self).__name__)
 
     def sync_buffers(self, module: torch.nn.Module) -> None:
-        """``module``'s buffers start equal too: broadcast (or checked) with the parameters."""
-        self._buffers += [b for b in module.buffers() if b not in self._buffers]
+        """``module``'s buffers start equal too, with the parameters (now, if they already did)."""
+        if self._starting.add_buffers(module):
+            self._start(self._comm)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as torch.optim does; its tensors join the next step, which checks the
         fingerprint and starts them equal on every rank again (every rank must add them)."""
         super().add_param_group(param_group)
-        if hasattr(self, "_checked"):  # not while torch.optim's __init__ adds the first groups
-            for p in self.param_groups[-1]["params"]:
-                if not p.is_floating_point():
-                    raise TypeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
-            self._regroup()
+        if hasattr(self, "_starting"):  # not while torch.optim's __init__ adds the first groups
+            try:
+                self._regroup()
+            except (TypeError, ValueError):
+                self.param_groups.pop()  # refused: the optimizer stays as it was
+                self._regroup()
+                raise
             self.ledger.n_params = sum(p.numel() for p, _ in self._flat)
-            self._checked = False
+            self._starting.reset()
             self._params_changed()
 
     def _params_changed(self) -> None:
@@ -231,16 +228,19 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
 
     def _nonfinite(self, rank: int, index: int) -> None:
         """Raise NonFiniteGradientError, or count the step as skipped: the same on every rank."""
-        raise_nonfinite(
-            self.config.nonfinite, where=f"rank {rank}, {self._names[index]}", step=self.steps_taken
-        )
+        raise_nonfinite(self._policy, where=f"rank {rank}, {self._names[index]}", step=self.steps_taken)
         self.skipped_steps += 1
+
+    def _grads_changed(self, rank: int, index: int) -> None:
+        """Some rank's gradient changed after its exchange began during backward: raise on every
+        rank (DistributedLion learns from it on its first step instead)."""
+        raise GradientChangedError(rank, self._names[index], self.steps_taken)
 
     def _settle(self, meta: StepMeta) -> None:
         """After a step agreed on the device: under nonfinite="raise" read the flag (the one
         read back, after every launch: the gated kernels wrote nothing) and raise on every
         rank; under "skip" keep it, counted when ``skipped_steps`` is read."""
-        if meta.go is not None and self.config.nonfinite == "skip":
+        if meta.go is not None and self._policy == "skip":
             self._skip_flags.append(~meta.go)
         elif meta.go is not None and (seen := meta.settle()).bad_rank >= 0:
             self._nonfinite(seen.bad_rank, seen.bad_index)
@@ -258,10 +258,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
 
     def _config_text(self) -> str:
         """The config as ranks compare it: every field but the timeout, which may differ."""
-        fields = asdict(self.config)
-        fields.pop("timeout")
-        fields.update(self._config_extra())
-        return repr(sorted(fields.items()))
+        return config_text(self.config, self._config_extra())
 
     def _fp32_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
         return fp32_state(self.state, p, name)
@@ -270,24 +267,27 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         """Take the (parameter, group) pairs again, and how errors name each tensor (its name
         when the param groups carry names): after __init__ and load_state_dict."""
         self._flat = params_with_groups(self.param_groups)
-        self._names: list[str] = []
-        for group in self.param_groups:
-            names = group.get("param_names")
-            for j, p in enumerate(group["params"]):
-                who = repr(names[j]) if names else f"#{len(self._names)}"
-                self._names.append(f"parameter {who} {tuple(p.shape)}")
+        self._names = tensor_names(type(self).__name__, self.param_groups)
+
+    def comm_now(self) -> Comm | None:
+        """The transport, made now if the process group came after the optimizer was built."""
+        if self._comm is None:
+            self._comm = make_comm(self._group, self.config.timeout, self.config.transport)
+            if self._comm is not None:
+                self._params_changed()
+        return self._comm
 
     def state_dict(self) -> dict[str, Any]:
+        self.comm_now()  # the rank and world size it records are the group's
         sd = super().state_dict()
-        sd[self.STATE_KEY] = {name: int(getattr(self, name)) for name in COUNTERS} | self._state_extra()
+        sd[self.STATE_KEY] = {name: int(getattr(self, name)) for name in COUNTERS}
+        if self.PER_RANK_STATE:  # load_state_dict refuses another rank's (saved_state.own_state)
+            sd[self.STATE_KEY] |= {"world_size": self.world_size, "rank": self.rank}
         return sd
 
-    def _state_extra(self) -> dict[str, int]:
-        return {}
-
     def _restore_counters(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Set the counters from ``state_dict`` (if saved there); the rest of it."""
-        state_dict = dict(state_dict)
+        """This rank's own state (dlion.worker.saved_state), its counters set (if saved); the rest."""
+        state_dict = dict(own_state(state_dict, self.STATE_KEY, self.comm_now(), type(self).__name__))
         saved = state_dict.pop(self.STATE_KEY, None)
         if saved is not None:
             for name in COUNTERS:
@@ -295,5 +295,5 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(self._restore_counters(state_dict))
+        load_keeping_dtypes(super().load_state_dict, self, self._restore_counters(state_dict))
         self._regroup()

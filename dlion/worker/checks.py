@@ -13,6 +13,23 @@ class NonFiniteGradientError(FloatingPointError):
     """A rank produced a NaN or Inf gradient; raised on every rank."""
 
 
+class GradientChangedError(RuntimeError):
+    """A gradient changed between the end of backward and step() (clipped, unscaled, replaced)
+    after its vote had begun during backward: the vote would ignore the change. Raised on every
+    rank, before anything is applied."""
+
+    def __init__(self, rank: int, name: str, step: int) -> None:
+        super().__init__(
+            f"the gradient of {name} on rank {rank} changed after its vote began during backward "
+            f"(step {step}): something between backward and step() modified or replaced it (gradient "
+            "clipping, GradScaler.unscale_, a hook), and the vote would not see it. Under dlion.attach, "
+            "pass dlion.attach(model, optimizer, vote_in_step=True) to run the vote in step(), after such "
+            "changes (the default, vote_in_step=None, learns this at the first step when the change "
+            "happens there too); with overlap=True, use overlap=False"
+        )
+        self.rank, self.name, self.step = rank, name, step
+
+
 def raise_nonfinite(policy: str, *, where: str, step: int) -> None:
     """Raise under nonfinite="raise"; under "skip" return, and the caller skips the step."""
     if policy == "raise":

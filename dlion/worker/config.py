@@ -62,9 +62,11 @@ class CommConfig:
                the whole step on every rank (parameters and state untouched).
     seed:      run seed of every random draw (coins, samples); must match across ranks.
     timeout:   bound on every collective wait (None: the process group's timeout).
-    start:     how ranks start from the same parameters, at the first step: "broadcast" rank
-               0's to every rank (as DDP does), or "verify" that every rank's equal rank 0's
-               and raise naming the first tensor that differs.
+    start:     how ranks start from the same parameters, when the optimizer is built if the
+               process group exists then, else at the first step: every rank's tensors are
+               checked against rank 0's by CRC, then "broadcast" sends rank 0's where they
+               differ (nothing when they are equal, as under DDP), or "verify" raises naming
+               the first tensor that differs.
     """
 
     transport: Transport = "torch"

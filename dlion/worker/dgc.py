@@ -69,6 +69,7 @@ class DGC(CommOptimizer[DGCStep]):
     """
 
     STATE_KEY = "dgc"
+    PER_RANK_STATE = True  # each rank's residuals and momentum are its own
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from dlion.server import Hello, ServerClient, ServerLink
 from dlion.transport import Comm
 from dlion.worker.base import CommOptimizer, Grads
 from dlion.worker.byzantine import Byzantine, attack_of
-from dlion.worker.checks import first_nonfinite
+from dlion.worker.checks import GradientChangedError, first_nonfinite
 from dlion.worker.config import (
     Backend,
     Binarize,
@@ -58,11 +58,11 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     Every rank keeps its own Lion momentum. Per step, with N ranks:
 
-      1-2. Check and agree (dlion.worker.base): NaN/Inf scans (flat CUDA buckets: staged,
-         then one fused check), the fingerprint once (and, by ``start``, rank 0's parameters
-         broadcast to every rank, or checked equal), the step metadata every step; every
-         rank raises, skips the step or goes on alike. A tensor no rank has a gradient for
-         is skipped as in torch.optim; a rank without one for a tensor others have votes g = 0.
+      1-2. Check and agree (dlion.worker.base): once, the start (rank 0's parameters where
+         they differ) and the fingerprint; every step, NaN/Inf scans (flat CUDA buckets: one
+         fused check) and gradients changed since a vote began in backward, in the metadata;
+         every rank raises, skips the step or goes on alike. A tensor no rank has a gradient
+         for is skipped as in torch.optim; a rank without one for a tensor others have votes 0.
       3. Encode, per bucket: the fused sign step c = b1*m + (1-b1)*g, its sign packed to one
          bit per parameter, m <- b2*m + (1-b2)*g (one kernel per bucket for flat CUDA
          buckets, else per tensor: dlion.worker.runners). A c of exactly 0 takes a seeded
@@ -86,7 +86,8 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     With ``overlap=True``, phases 3-5 of a bucket start from gradient hooks as soon as its
     gradients are in (dlion.worker.overlap), and step() runs phase 2 after them; the new
-    momentum is committed only once the step goes ahead, so results are the same. The same
+    momentum is committed only once the step goes ahead, so results are the same (a gradient
+    changed after its vote began raises GradientChangedError on every rank). The same
     per-bucket phases are ``vote_bucket`` and ``apply_bucket``, callable from outside step().
 
     With world size 1 (or no process group) and ``force_comm=False``, phases 2-5 are
@@ -95,6 +96,7 @@ class DistributedLion(CommOptimizer[LionStep]):
     """
 
     STATE_KEY = "dlion"
+    PER_RANK_STATE = True  # each rank's momentum is its own
 
     def __init__(
         self,
@@ -146,8 +148,9 @@ class DistributedLion(CommOptimizer[LionStep]):
         self._slot_ids, self._on_device = plan.slot_ids, plan.on_device
         self._hier = Hierarchy.of(self, cfg) if cfg.backend == "hierarchical" and self._comm else None
         params = [[p for p, _ in self.pairs(b)] for b in self._buckets]
+        indices = [[s.index for s in b.slots] for b in self._buckets]
         self.launching.plan(
-            params, hooks=cfg.overlap, possible=cfg.launches_in_backward and self.communicates
+            params, indices, hooks=cfg.overlap, possible=cfg.launches_in_backward and self.communicates
         )
 
     @property
@@ -190,16 +193,21 @@ class DistributedLion(CommOptimizer[LionStep]):
         """Stage the flat buckets and scan: one fused check when every bucket is flat. With
         overlap, launch what backward did not, in the same order on every rank, before the
         metadata exchange."""
+        changed = self.launching.changed()  # before staging, which may move the gradients
         ok = stage_all(self._runners, self._per_bucket(grads))
         bad = -1 if ok is not None and bool(ok) else first_nonfinite(grads)
         self._early = self.launching.collect()
-        return bad
+        return self.launching.verdict(changed, bad)
 
     def _agrees_on_device(self) -> bool:
-        return self._on_device
+        # A learning step's verdict is read on the host: it decides where later votes run.
+        return self._on_device and not self.launching.learning
 
     def _local_on_device(self, grads: Grads) -> torch.Tensor:
         """Stage every bucket, launch what backward did not (overlap), and scan on the device."""
+        changed = self.launching.changed()  # before staging, which may move the gradients
+        if changed >= 0:  # the others' next collective then ends by timeout, naming this rank
+            raise GradientChangedError(self.rank, self._names[changed], self.steps_taken)
         for runner, bucket_grads in zip(self._runners, self._per_bucket(grads), strict=True):
             runner.bind()
             runner.stage(bucket_grads)
@@ -211,7 +219,14 @@ class DistributedLion(CommOptimizer[LionStep]):
             cfg = self.config
             self._server.hello(Hello.of(comm.world_size, cfg.vote, cfg.tie, cfg.seed, self._wires))
 
+    def _grads_changed(self, rank: int, index: int) -> None:
+        if not self.launching.learning:
+            super()._grads_changed(rank, index)
+        self.launching.decide(changed=True)  # this step votes in step() anyway, as all later ones
+
     def _prepare(self, comm: Comm | None, grads: Grads, meta: StepMeta) -> LionStep:
+        if self.launching.learning:
+            self.launching.decide(changed=False)
         if self._server is not None:
             self._server.begin_step(self.steps_taken)
         return LionStep(grads, meta.present, self._early, len(self._buckets), meta.go)
@@ -281,10 +296,3 @@ class DistributedLion(CommOptimizer[LionStep]):
         second call returns them again). Gradient and DDP hooks stop launching buckets."""
         self.launching.stop()
         return self._server.close() if self._server is not None else None
-
-    def stop_launching(self) -> None:
-        """No more buckets start during backward: gradient hooks removed, DDP hooks detached."""
-        self.launching.stop()
-
-    def _state_extra(self) -> dict[str, int]:
-        return {"world_size": self.world_size, "rank": self.rank}

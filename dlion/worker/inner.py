@@ -8,6 +8,7 @@ import torch
 
 from dlion.worker.base import CommOptimizer, W
 from dlion.worker.config import CommConfig
+from dlion.worker.saved_state import load_keeping_dtypes
 
 
 class InnerStep(CommOptimizer[W]):
@@ -35,6 +36,6 @@ class InnerStep(CommOptimizer[W]):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The inner optimizer's own load (AdamW's defaults, its step tensors), then share again.
-        self.inner.load_state_dict(self._restore_counters(state_dict))
+        load_keeping_dtypes(self.inner.load_state_dict, self.inner, self._restore_counters(state_dict))
         self.param_groups, self.state = self.inner.param_groups, self.inner.state
         self._regroup()

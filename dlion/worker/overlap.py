@@ -13,6 +13,15 @@ parameter; under DDP (dlion.attach), the DDP communication hook, once per DDP bu
 (``ready``). On CUDA the buckets run on a side stream, so they overlap the rest of the
 backward pass; on the CPU (Gloo) the exchange runs inside the hook, which orders but does
 not overlap. One backward per step: a gradient that changes after its bucket left raises.
+
+What happens between backward and step() must reach the vote too. After each backward (once
+DDP has copied its buckets back into the gradients) the launcher notes every gradient's object
+and version counter; step() compares them (``changed``), so an in-place change (clipping,
+GradScaler.unscale_) or a replaced gradient is seen at no cost. Under DDP with
+``vote_in_step=None`` the first step, which votes in step() anyway, learns whether this
+training loop changes gradients there: if any rank's did, every rank votes in step() from
+then on (the hook only silences DDP); else the launcher arms, and a later change raises
+GradientChangedError on every rank before anything is applied.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 
 import torch
 
+from dlion.aggregate.meta import changed_code
 from dlion.worker.runners import Voted
 
 
@@ -32,10 +42,19 @@ class Overlap:
         params: Sequence[Sequence[torch.Tensor]],
         launch: Callable[[int, list[torch.Tensor | None]], Voted],
         *,
+        indices: Sequence[Sequence[int]] | None = None,
         hooks: bool = True,
         accumulate: str = "use overlap=False",
+        learn: bool = False,
     ) -> None:
         self._params = [list(ps) for ps in params]  # per bucket
+        # the optimizer's index of each tensor, per bucket: how errors name it
+        self._indices = [list(ix) for ix in indices] if indices is not None else None
+        self.learn = learn  # the first step decides whether buckets start in backward
+        self._touched: list[tuple[int, int]] = []  # (bucket, slot) ready during this backward
+        # (index, parameter, its gradient, the gradient's version) after this step's backward
+        self._snapshot: list[tuple[int, torch.Tensor, torch.Tensor | None, int]] | None = None
+        self._queued = False
         self._launch = launch
         self._order = list(range(len(self._params)))[::-1]
         self._ready: list[set[int]] = [set() for _ in self._params]
@@ -65,6 +84,11 @@ class Overlap:
                 self._on_grad(*slot, p)
 
     def _on_grad(self, k: int, i: int, _param: torch.Tensor) -> None:
+        self._touched.append((k, i))
+        if not self._queued:  # note the gradients once backward, and DDP's copy-back, are done
+            self._queued = True
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: engine.queue_callback(self._take_snapshot))
         if not self.armed:
             return
         if k in self._voted:
@@ -96,6 +120,23 @@ class Overlap:
             self._voted[k] = voted
         self._next += 1
 
+    def _take_snapshot(self) -> None:
+        self._queued = False
+        self._snapshot = []
+        for k, i in self._touched:
+            p = self._params[k][i]
+            index = self._indices[k][i] if self._indices is not None else i
+            self._snapshot.append((index, p, p.grad, -1 if p.grad is None else p.grad._version))
+        self._touched = []
+
+    def changed(self) -> int:
+        """The optimizer's index of the first gradient that changed since the end of this step's
+        backward (modified in place, replaced, set or cleared), or -1."""
+        for index, p, g, version in self._snapshot or []:
+            if p.grad is not g or (g is not None and g._version != version):
+                return index
+        return -1
+
     def collect(self) -> list[Voted]:
         """Launch the buckets backward did not, in order; every bucket's result."""
         try:
@@ -111,6 +152,7 @@ class Overlap:
         self._ready = [set() for _ in self._params]
         self._voted = {}
         self._next = 0
+        self._snapshot, self._touched = None, []
 
     def remove(self) -> None:
         for h in self._handles:
@@ -123,46 +165,101 @@ class Overlap:
 
 class Launching:
     """What starts an optimizer's buckets during backward, if anything: gradient hooks
-    (``overlap=True``) or DDP's communication hook (dlion.attach); re-planned with the buckets."""
+    (``overlap=True``) or DDP's communication hook (dlion.attach); re-planned with the buckets.
+
+    ``vote_in_step`` (under DDP): True, the hook only silences DDP and the vote runs in step();
+    False, buckets start in backward; None, the first step decides (``learning``, ``decide``)."""
 
     def __init__(self, launch: Callable[[int, list[torch.Tensor | None]], Voted]) -> None:
         self._launch = launch
         self.launcher: Overlap | None = None
         self.from_ddp = False
+        self.vote_in_step: bool | None = None
         self._on_stop: list[Callable[[], None]] = []
-        self._plan: tuple[Sequence[Sequence[torch.Tensor]], bool, bool] = ([], False, False)
+        self._plan: tuple[Sequence[Sequence[torch.Tensor]], Sequence[Sequence[int]], bool, bool] = (
+            [],
+            [],
+            False,
+            False,
+        )
 
-    def plan(self, params: Sequence[Sequence[torch.Tensor]], *, hooks: bool, possible: bool) -> None:
-        """A launcher for these buckets: with per-parameter ``hooks`` (overlap=True), or for DDP's
-        hook once attached; none unless buckets can start before step() (``possible``)."""
-        self._plan = (params, hooks, possible)
+    def plan(
+        self,
+        params: Sequence[Sequence[torch.Tensor]],
+        indices: Sequence[Sequence[int]],
+        *,
+        hooks: bool,
+        possible: bool,
+    ) -> None:
+        """A launcher for these buckets (``indices``: each tensor's index in the optimizer):
+        with per-parameter ``hooks`` (overlap=True), or for DDP's hook once attached; none
+        unless buckets can start before step() (``possible``), or the vote runs in step()."""
+        self._plan = (params, indices, hooks, possible)
         if self.launcher is not None:
             self.launcher.remove()
             self.launcher = None
         if possible and hooks:
-            self.launcher = Overlap(params, self._launch)
-        elif possible and self.from_ddp:
+            self.launcher = Overlap(params, self._launch, indices=indices)
+        elif possible and self.from_ddp and self.vote_in_step is not True:
             no_sync = "run backward under model.no_sync() for all but the last micro-batch"
-            self.launcher = Overlap(params, self._launch, hooks=False, accumulate=no_sync)
+            learn = self.vote_in_step is None
+            self.launcher = Overlap(
+                params, self._launch, indices=indices, hooks=False, accumulate=no_sync, learn=learn
+            )
 
-    def attach_ddp(self, on_stop: Callable[[], None]) -> None:
+    def _replan(self) -> None:
+        params, indices, hooks, possible = self._plan
+        self.plan(params, indices, hooks=hooks, possible=possible)
+
+    def attach_ddp(self, on_stop: Callable[[], None], vote_in_step: bool | None) -> None:
         """DDP's hook says what is ready from now on; ``on_stop`` runs when launching stops."""
         self.from_ddp = True
+        self.vote_in_step = vote_in_step
         self._on_stop.append(on_stop)
-        params, hooks, possible = self._plan
-        self.plan(params, hooks=hooks, possible=possible)
+        self._replan()
+
+    @property
+    def learning(self) -> bool:
+        """Whether this step decides if buckets start in backward from now on."""
+        return self.launcher is not None and self.launcher.learn
+
+    def decide(self, *, changed: bool) -> None:
+        """What the ranks agreed at a learning step: some rank's gradients changed between
+        backward and step() (vote in step() from now on), or none did (start in backward)."""
+        self.vote_in_step = changed
+        if changed:
+            self._replan()
+        elif self.launcher is not None:
+            self.launcher.learn = False
 
     def ready(self, params: Sequence[torch.Tensor]) -> None:
         if self.launcher is not None:
             self.launcher.ready(params)
 
+    def changed(self) -> int:
+        """The index of the first gradient changed since this step's backward, or -1."""
+        return self.launcher.changed() if self.launcher is not None else -1
+
+    def verdict(self, changed: int, bad: int) -> int:
+        """This rank's int32 of the step metadata: a changed gradient (``changed_code``), else
+        the first non-finite one (``bad``), else -1. A learning step that saw both reports the
+        non-finite one: it is skipped (or raises), and the next step learns."""
+        if changed >= 0 and (bad < 0 or not self.learning):
+            return changed_code(changed)
+        return bad
+
     def collect(self) -> list[Voted] | None:
         """Every bucket's vote, launched now where backward did not; None without a launcher
         or before it is armed (the first step runs whole in step(), after the fingerprint)."""
-        return self.launcher.collect() if self.launcher is not None and self.launcher.armed else None
+        if self.launcher is None:
+            return None
+        if not self.launcher.armed:
+            self.launcher.reset()
+            return None
+        return self.launcher.collect()
 
     def arm(self) -> None:
-        if self.launcher is not None:
+        if self.launcher is not None and not self.launcher.learn:
             self.launcher.armed = True
 
     def stop(self) -> None:
