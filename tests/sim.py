@@ -102,7 +102,8 @@ def _attacked(attack: str | None, signs: np.ndarray, key: int) -> np.ndarray:
 
 
 def start_bits(world: int, tensors: int) -> int:
-    """Bits every rank sends, and receives, for the start of ranks that already hold equal
-    parameters: the fingerprint (6 int64) and one CRC per tensor (int64, rows padded to whole
-    16-byte words), each an all_gather; nothing is broadcast."""
-    return (world - 1) * 64 * (6 + max(2, -(-tensors // 2) * 2))
+    """One-off bits every rank sends, and receives, for the start of ranks that already hold
+    equal parameters, the optimizer built after the process group: when built, the fingerprint
+    (6 int64) and one CRC per tensor (int64, rows padded to whole 16-byte words); at the first
+    step the CRCs again. All are all_gathers; nothing is broadcast."""
+    return (world - 1) * 64 * (6 + 2 * max(2, -(-tensors // 2) * 2))

@@ -184,3 +184,26 @@ def _initial_b() -> list[np.ndarray]:
     torch.manual_seed(0)
     [torch.randn(s) for s in SHAPES]
     return [torch.randn(s).numpy() for s in reversed(SHAPES)]
+
+
+def _rank0_loads_after_build(rank: int, world: int) -> list[np.ndarray]:
+    """Built from one seed (equal at construction), then rank 0 alone loads other weights, as a
+    script that restores a checkpoint on rank 0 only: the first step starts them equal again."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = _build("dlion-mavo", params)
+    if rank == 0:
+        with torch.no_grad():
+            params[2].add_(1.0)
+    _grads(torch.nn.ParameterList(params), rank, 0)
+    opt.step()
+    sent = {r.name for r in opt.ledger.extra if r.name.startswith("start[")}  # type: ignore[attr-defined]
+    assert sent == {"start[torch.float32]"}, sent
+    return [p.detach().numpy().copy() for p in params]
+
+
+def test_parameters_changed_after_construction_start_equal_at_the_first_step() -> None:
+    results = run_ok(_rank0_loads_after_build, 3)
+    for rank in range(1, 3):
+        for a, b in zip(results[0], results[rank], strict=True):
+            assert a.tobytes() == b.tobytes(), rank

@@ -38,6 +38,13 @@ def changed_code(index: int) -> int:
     return -2 - index
 
 
+def local_code(bad: int, changed: int) -> int:
+    """A rank's int32 of the step metadata: its first non-finite gradient (``bad``), else its
+    first changed one (``changed_code``), else -1. A non-finite gradient wins, here and across
+    ranks (``_verdict``): that step is skipped or raises, so nothing is applied either way."""
+    return bad if bad >= 0 else changed_code(changed) if changed >= 0 else -1
+
+
 def check_fingerprint(
     comm: Comm,
     params: Sequence[torch.Tensor],
@@ -116,14 +123,14 @@ def exchange_step_meta(comm: Comm, local_present: np.ndarray, local_bad: int, le
 
 
 def _verdict(present: np.ndarray, bad: np.ndarray) -> StepMeta:
-    """The metadata's int32 per rank read: a changed gradient first, then a non-finite one."""
+    """The metadata's int32 per rank read: a non-finite gradient first, then a changed one."""
+    bad_ranks = np.flatnonzero(bad >= 0)
+    if bad_ranks.size:
+        return StepMeta(present, int(bad_ranks[0]), int(bad[bad_ranks[0]]))
     changed = np.flatnonzero(bad <= -2)
     if changed.size:
         r = int(changed[0])
         return StepMeta(present, -1, -1, changed_rank=r, changed_index=changed_code(int(bad[r])))
-    bad_ranks = np.flatnonzero(bad >= 0)
-    if bad_ranks.size:
-        return StepMeta(present, int(bad_ranks[0]), int(bad[bad_ranks[0]]))
     return StepMeta(present, -1, -1)
 
 

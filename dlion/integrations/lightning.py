@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.plugins.precision.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dlion.integrations.ddp import Attachment, attach
@@ -35,6 +37,7 @@ class DistributedLionCallback(pl.Callback):
         self.attachment: Attachment | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        unscale_before_clipping(trainer.precision_plugin)
         model = trainer.strategy.model
         if not isinstance(model, DDP) or self.attachment is not None:
             return  # one process, or already attached
@@ -65,3 +68,23 @@ class DistributedLionCallback(pl.Callback):
                 gathered = gather_optimizer_state(opt, receive=bool(trainer.is_global_zero))
                 if gathered is not None:
                     states[i] = gathered
+
+
+def unscale_before_clipping(plugin: Any) -> None:
+    """Lightning's 16-mixed refuses to clip for an optimizer that unscales in its own step()
+    (``_step_supports_amp_scaling``, which dlion's optimizers declare so that GradScaler steps
+    every rank and an overflow skips the step on all). Clipping then unscales first, as
+    Lightning does for other optimizers, and ``scaler.step`` finds the gradients unscaled."""
+    scaler = getattr(plugin, "scaler", None)
+    if scaler is None or getattr(plugin, "_dlion_unscales", False):
+        return
+
+    def clip(
+        optimizer: Any, clip_val: float = 0.0, gradient_clip_algorithm: Any = GradClipAlgorithmType.NORM
+    ) -> None:
+        if clip_val > 0:
+            scaler.unscale_(getattr(optimizer, "_optimizer", optimizer))  # LightningOptimizer's
+        Precision.clip_gradients(plugin, optimizer, clip_val, gradient_clip_algorithm)
+
+    plugin.clip_gradients = clip
+    plugin._dlion_unscales = True

@@ -180,7 +180,6 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     # ---- what the hooks share
 
     def _start(self, comm: Comm | None) -> None:
-        assert comm is not None
         self._starting.start(comm, [p for p, _ in self._flat], self._names, self._config_text())
 
     def _agree(self, comm: Comm | None, grads: Grads) -> StepMeta:
@@ -197,9 +196,8 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return exchange_step_meta(comm, present, bad, self.ledger)
 
     def _resolve_comm(self) -> None:
-        """The transport, if the process group came after the optimizer was built (Hugging
-        Face's TrainingArguments makes it): made now, and the subclass re-plans. Refuse a
-        launch that says it has several ranks but made no group: every rank would train alone."""
+        """The transport, if the process group came after the optimizer (Hugging Face's
+        arguments make it), or a refusal if WORLD_SIZE says several ranks and there is none."""
         if self.comm_now() is None:
             refuse_training_alone(type(self).__name__)
 
@@ -237,12 +235,15 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         raise GradientChangedError(rank, self._names[index], self.steps_taken)
 
     def _settle(self, meta: StepMeta) -> None:
-        """After a step agreed on the device: under nonfinite="raise" read the flag (the one
-        read back, after every launch: the gated kernels wrote nothing) and raise on every
-        rank; under "skip" keep it, counted when ``skipped_steps`` is read."""
+        """After a step agreed on the device (the gated kernels wrote nothing if it failed):
+        under "raise" read the verdict back, after every launch, and raise on every rank; under
+        "skip" keep the flag, counted when ``skipped_steps`` is read (a changed gradient too:
+        its own rank raised in _prepare)."""
         if meta.go is not None and self._policy == "skip":
             self._skip_flags.append(~meta.go)
-        elif meta.go is not None and (seen := meta.settle()).bad_rank >= 0:
+        elif meta.go is not None and (seen := meta.settle()).changed_rank >= 0:
+            self._grads_changed(seen.changed_rank, seen.changed_index)
+        elif meta.go is not None and seen.bad_rank >= 0:
             self._nonfinite(seen.bad_rank, seen.bad_index)
 
     @property

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dlion.aggregate.meta import StepMeta, first_nonfinite_on_device
+from dlion.aggregate.meta import StepMeta, changed_code, first_nonfinite_on_device, local_code
 from dlion.compress.buckets import Bucket
 from dlion.compress.sign_ops import SignOps, ops_for
 from dlion.server import Hello, ServerClient, ServerLink
@@ -64,38 +64,33 @@ class DistributedLion(CommOptimizer[LionStep]):
          every rank raises, skips the step or goes on alike. A tensor no rank has a gradient
          for is skipped as in torch.optim; a rank without one for a tensor others have votes 0.
       3. Encode, per bucket: the fused sign step c = b1*m + (1-b1)*g, its sign packed to one
-         bit per parameter, m <- b2*m + (1-b2)*g (one kernel per bucket for flat CUDA
-         buckets, else per tensor: dlion.worker.runners). A c of exactly 0 takes a seeded
-         fair coin (bit 1 = positive) so it adds no drift. With ``binarize="stochastic"``
-         (dlion-sto) the bit is a seeded coin, positive with probability
-         (1 + clip(c / mean|c|, -1, 1)) / 2, so the averaged signs are unbiased. With
-         ``byzantine``, the attacking ranks then corrupt their bits (dlion.worker.byzantine);
-         their momentum stays honest.
+         bit per parameter, m <- b2*m + (1-b2)*g (one kernel per flat CUDA bucket, else per
+         tensor: dlion.worker.runners); a c of exactly 0 takes a seeded fair coin (bit 1 =
+         positive), so it adds no drift. ``binarize="stochastic"`` (dlion-sto): a seeded coin,
+         positive with probability (1 + clip(c / mean|c|, -1, 1)) / 2, so averaged signs are
+         unbiased. ``byzantine``: attacking ranks corrupt their bits, not their momentum.
       4. Exchange, by ``backend``: "allgather" gathers every rank's bits ((N-1)/8 bytes per
          parameter each way); "sharded" runs all_to_all, a vote of this rank's shard, and an
-         all_gather of the voted shards (2 (N-1)/N / 8 bytes per parameter for a 1-bit
-         result); "server" sends the bits to a parameter server, which votes and sends the
-         result back (1/8 byte up, B/8 down). The server is rank 0 (gather, broadcast), or
-         with ``server=`` a process of its own (``dlion.server``; call ``close()`` after the
-         last step so it stops).
+         all_gather of the voted shards (2 (N-1)/N / 8 bytes per parameter); "server" sends
+         the bits to a parameter server (rank 0, or with ``server=`` a process of its own:
+         call ``close()`` after the last step), which sends the vote back (1/8 up, B/8 down).
       5. Combine, where the exchange puts it, on the packed words, identical on all ranks
          and across backends: "majority" = sign of the sum (even splits by ``tie``),
          "average" = mean of the signs (counts of +1 votes, ceil(log2(N+1)) bit planes).
       6. Apply: p <- p*(1 - lr*wd) - lr*update, with each param group's lr and wd (with
          ``cautious_wd``, no decay where the update and p have opposite signs).
 
-    With ``overlap=True``, phases 3-5 of a bucket start from gradient hooks as soon as its
-    gradients are in (dlion.worker.overlap), and step() runs phase 2 after them; the new
-    momentum is committed only once the step goes ahead, so results are the same (a gradient
-    changed after its vote began raises GradientChangedError on every rank). The same
-    per-bucket phases are ``vote_bucket`` and ``apply_bucket``, callable from outside step().
+    With ``overlap=True`` (or under dlion.attach) phases 3-5 of a bucket start in backward as
+    its gradients arrive (dlion.worker.overlap); the momentum is committed once the step goes
+    ahead, so results are the same; a gradient changed after its vote began raises on every
+    rank. ``vote_bucket`` and ``apply_bucket`` are these per-bucket phases, for outside step().
 
-    With world size 1 (or no process group) and ``force_comm=False``, phases 2-5 are
-    skipped and the update is exactly ``dlion.Lion``'s. ``ledger`` records every
-    collective's bytes (payload, padding, metadata) per step.
+    At world size 1 (or without a process group; not ``force_comm``) phases 2-5 are skipped:
+    the update is ``dlion.Lion``'s. ``ledger`` records every collective's bytes per step.
     """
 
     STATE_KEY = "dlion"
+    _changed_here = -1  # on the device path, this rank's first gradient changed since backward
     PER_RANK_STATE = True  # each rank's momentum is its own
 
     def __init__(
@@ -131,11 +126,11 @@ class DistributedLion(CommOptimizer[LionStep]):
             binarize=binarize, procs_per_node=procs_per_node,
         )  # fmt: skip
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
+        self.launching = Launching(self.vote_bucket)  # before the start: the fingerprint reads it
         super().__init__(params, defaults, config=config, process_group=process_group)
         self.config: DistributedLionConfig = config
         self._server = ServerClient(server, self.ledger) if server is not None else None
         self._early: list[Voted] | None = None  # what overlap voted during this step's backward
-        self.launching = Launching(self.vote_bucket)  # what starts buckets during backward
         self._params_changed()
 
     def _params_changed(self) -> None:
@@ -197,7 +192,7 @@ class DistributedLion(CommOptimizer[LionStep]):
         ok = stage_all(self._runners, self._per_bucket(grads))
         bad = -1 if ok is not None and bool(ok) else first_nonfinite(grads)
         self._early = self.launching.collect()
-        return self.launching.verdict(changed, bad)
+        return local_code(bad, changed)
 
     def _agrees_on_device(self) -> bool:
         # A learning step's verdict is read on the host: it decides where later votes run.
@@ -206,13 +201,17 @@ class DistributedLion(CommOptimizer[LionStep]):
     def _local_on_device(self, grads: Grads) -> torch.Tensor:
         """Stage every bucket, launch what backward did not (overlap), and scan on the device."""
         changed = self.launching.changed()  # before staging, which may move the gradients
-        if changed >= 0:  # the others' next collective then ends by timeout, naming this rank
-            raise GradientChangedError(self.rank, self._names[changed], self.steps_taken)
         for runner, bucket_grads in zip(self._runners, self._per_bucket(grads), strict=True):
             runner.bind()
             runner.stage(bucket_grads)
         self._early = self.launching.collect()
-        return first_nonfinite_on_device(grads, self._flat[0][0].device)
+        bad = first_nonfinite_on_device(grads, self._flat[0][0].device)
+        self._changed_here = changed  # gates every rank's writes; raised here in _prepare
+        return bad if changed < 0 else torch.where(bad >= 0, bad, changed_code(changed))
+
+    def _config_extra(self) -> dict[str, object]:
+        # Ranks voting in backward and ranks voting in step() would pair different collectives.
+        return {"ddp_hook": self.launching.from_ddp, "vote_in_step": self.launching.vote_in_step}
 
     def _first_contact(self, comm: Comm) -> None:
         if self._server is not None:
@@ -225,6 +224,9 @@ class DistributedLion(CommOptimizer[LionStep]):
         self.launching.decide(changed=True)  # this step votes in step() anyway, as all later ones
 
     def _prepare(self, comm: Comm | None, grads: Grads, meta: StepMeta) -> LionStep:
+        if self._changed_here >= 0:  # agreed on the device: the others raise once they read it
+            changed, self._changed_here = self._changed_here, -1
+            raise GradientChangedError(self.rank, self._names[changed], self.steps_taken)
         if self.launching.learning:
             self.launching.decide(changed=False)
         if self._server is not None:

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from dlion.aggregate.meta import changed_code
 from dlion.worker.runners import Voted
 
 
@@ -42,14 +41,13 @@ class Overlap:
         params: Sequence[Sequence[torch.Tensor]],
         launch: Callable[[int, list[torch.Tensor | None]], Voted],
         *,
-        indices: Sequence[Sequence[int]] | None = None,
+        indices: Sequence[Sequence[int]],
         hooks: bool = True,
         accumulate: str = "use overlap=False",
         learn: bool = False,
     ) -> None:
         self._params = [list(ps) for ps in params]  # per bucket
-        # the optimizer's index of each tensor, per bucket: how errors name it
-        self._indices = [list(ix) for ix in indices] if indices is not None else None
+        self._indices = [list(ix) for ix in indices]  # each tensor's in the optimizer, per bucket
         self.learn = learn  # the first step decides whether buckets start in backward
         self._touched: list[tuple[int, int]] = []  # (bucket, slot) ready during this backward
         # (index, parameter, its gradient, the gradient's version) after this step's backward
@@ -88,7 +86,10 @@ class Overlap:
         if not self._queued:  # note the gradients once backward, and DDP's copy-back, are done
             self._queued = True
             engine = torch.autograd.Variable._execution_engine
-            engine.queue_callback(lambda: engine.queue_callback(self._take_snapshot))
+            try:  # DDP queues its copy-back after this: a callback queued by a callback runs last
+                engine.queue_callback(lambda: engine.queue_callback(self._take_snapshot))
+            except RuntimeError:  # called outside a backward pass: the gradients are as they are
+                self._take_snapshot(extend=True)
         if not self.armed:
             return
         if k in self._voted:
@@ -120,13 +121,14 @@ class Overlap:
             self._voted[k] = voted
         self._next += 1
 
-    def _take_snapshot(self) -> None:
+    def _take_snapshot(self, extend: bool = False) -> None:
+        """Note the gradients readied since the last note: in place of it after a backward (a
+        new backward, as in accumulation, starts over), beside it outside one."""
         self._queued = False
-        self._snapshot = []
+        self._snapshot = (self._snapshot or []) if extend else []
         for k, i in self._touched:
             p = self._params[k][i]
-            index = self._indices[k][i] if self._indices is not None else i
-            self._snapshot.append((index, p, p.grad, -1 if p.grad is None else p.grad._version))
+            self._snapshot.append((self._indices[k][i], p, p.grad, -1 if p.grad is None else p.grad._version))
         self._touched = []
 
     def changed(self) -> int:
@@ -239,14 +241,6 @@ class Launching:
     def changed(self) -> int:
         """The index of the first gradient changed since this step's backward, or -1."""
         return self.launcher.changed() if self.launcher is not None else -1
-
-    def verdict(self, changed: int, bad: int) -> int:
-        """This rank's int32 of the step metadata: a changed gradient (``changed_code``), else
-        the first non-finite one (``bad``), else -1. A learning step that saw both reports the
-        non-finite one: it is skipped (or raises), and the next step learns."""
-        if changed >= 0 and (bad < 0 or not self.learning):
-            return changed_code(changed)
-        return bad
 
     def collect(self) -> list[Voted] | None:
         """Every bucket's vote, launched now where backward did not; None without a launcher

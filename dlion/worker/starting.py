@@ -4,8 +4,9 @@ release, parameter list and config (the fingerprint), holds rank 0's parameters 
 
 The start runs as soon as there is a transport: when the optimizer is built if the process group
 exists then, so ranks seeded differently (nanoGPT seeds each rank) run their first forward on
-rank 0's weights; else at the first step. The first step's fingerprint runs again, with a digest
-of the first gradients, which is how the guard sees that DDP averaged them.
+rank 0's weights; and again at the first step, where the checksums send nothing more if the
+parameters are still equal. The first step's fingerprint carries a digest of the first
+gradients, which is how the guard sees that DDP averaged them.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ class Starting:
         self.checked = False  # the first step's fingerprint, with the gradient digest, is done
         self.buffers: list[torch.Tensor] = []  # modules' buffers that start equal too
 
-    def start(self, comm: Comm, params: Sequence[torch.Tensor], names: Sequence[str], config: str) -> None:
+    def start(
+        self, comm: Comm | None, params: Sequence[torch.Tensor], names: Sequence[str], config: str
+    ) -> None:
         """Fingerprint, then the start (CommConfig.start), outside any step."""
+        assert comm is not None
         check_fingerprint(comm, params, config, self.ledger, one_off=True)
-        named = [*names, *(f"buffer #{i} {tuple(b.shape)}" for i, b in enumerate(self.buffers))]
-        start_equal(comm, self.mode, [*params, *self.buffers], named, self.ledger)
-        self.started = True
+        self._equalize(comm, params, names)
 
     def first_step(
         self,
@@ -49,12 +51,18 @@ class Starting:
         grads: Sequence[torch.Tensor | None],
     ) -> None:
         """The first step's fingerprint with the gradient digest (every rank warns if all
-        gradients are equal), and the start if the optimizer could not start when built."""
+        gradients are equal), and the start again: the parameters may have changed since the
+        optimizer was built (loaded on rank 0 alone, say); the checksums send nothing more
+        where they are still equal (DDP broadcast them at wrap, say)."""
         digests = check_fingerprint(comm, params, config, self.ledger, gradients=gradient_digest(grads))
         warn_if_averaged(digests, self.owner, self.ledger.n_params)
-        if not self.started:
-            self.start(comm, params, names, config)
+        self._equalize(comm, params, names)
         self.checked = True
+
+    def _equalize(self, comm: Comm, params: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+        named = [*names, *(f"buffer #{i} {tuple(b.shape)}" for i, b in enumerate(self.buffers))]
+        start_equal(comm, self.mode, [*params, *self.buffers], named, self.ledger)
+        self.started = True
 
     def add_buffers(self, module: torch.nn.Module) -> bool:
         """``module``'s buffers start equal too; whether the start must run again for them."""

@@ -20,7 +20,7 @@ def tensor_names(owner: str, param_groups: Sequence[dict[str, Any]]) -> list[str
     parameter that is not floating point is a TypeError; one listed twice a ValueError (torch.optim
     only warns, and it would be updated, sent and counted twice)."""
     names: list[str] = []
-    first: dict[int, str] = {}
+    first: dict[int, int] = {}  # id(p) -> where it was first listed
     for group in param_groups:
         given = group.get("param_names")
         for j, p in enumerate(group["params"]):
@@ -28,10 +28,10 @@ def tensor_names(owner: str, param_groups: Sequence[dict[str, Any]]) -> list[str
             names.append(f"parameter {who} {tuple(p.shape)}")
             if not p.is_floating_point():
                 raise TypeError(f"{owner} needs floating-point parameters; {names[-1]} is {p.dtype}")
-            if first.setdefault(id(p), names[-1]) != names[-1]:
+            if first.setdefault(id(p), len(names) - 1) != len(names) - 1:
                 raise ValueError(
-                    f"{owner} got one parameter twice, as {first[id(p)]} and as {names[-1]}: it would be "
-                    "updated, sent and counted twice; list each parameter once"
+                    f"{owner} got one parameter twice, as {names[first[id(p)]]} and as {names[-1]} "
+                    f"(#{len(names) - 1}): it would be updated, sent and counted twice; list each once"
                 )
     return names
 
