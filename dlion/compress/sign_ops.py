@@ -153,7 +153,8 @@ def _unpack(bits: torch.Tensor) -> torch.Tensor:
 
 
 class TorchSignOps:
-    """The same kernels in torch ops (any device); used for CUDA tensors."""
+    """The same kernels in torch ops (any device); used for devices other than the CPU and
+    CUDA (which take CpuSignOps and CudaSignOps), and by the tests as the twin of both."""
 
     def sign_step(
         self, grad: torch.Tensor, exp_avg: torch.Tensor, out: torch.Tensor, b1: float, b2: float, key: int

@@ -7,7 +7,8 @@ Which way is chosen once per bucket, when the optimizer is built (DistributedLio
   flat buffers, and each phase is one CUDA kernel over the bucket. For a bucket whose
   tensors are CUDA tensors of one dtype the kernels take.
 - ``TensorRunner``: tensor by tensor, with the sign ops of the tensors' device (Numba
-  kernels on the CPU, torch ops elsewhere). Every other bucket.
+  kernels on the CPU, the numba-cuda kernels on CUDA, torch ops elsewhere: ``ops_for``).
+  Every other bucket.
 
 Both give the same bits. Both can defer: the sign step then leaves the new momentum aside
 until ``commit`` takes it for the tensors the step keeps (overlap and the DDP hook run the

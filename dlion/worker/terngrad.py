@@ -62,7 +62,7 @@ class TernGrad(InnerStep[TernStep]):
     """TernGrad around an inner torch optimizer (the paper trains with SGD with momentum).
 
     Per step, with N ranks and T parameter tensors ("layers"):
-      1. Check and agree (dlion.worker.base): on the first step a fingerprint all_gather (5
+      1. Check and agree (dlion.worker.base): on the first step a fingerprint all_gather (6
          int64 per rank); every step the metadata all_gather (4 + ceil(T/8) bytes per rank)
          of which tensors have a gradient and the first non-finite one; every rank then
          raises, skips the step, or goes on. A tensor no rank has a gradient for stays None
