@@ -85,15 +85,13 @@ def verify_same_as_rank0(
             )
 
 
-def equalize_to_rank0(comm: Comm, tensors: Sequence[torch.Tensor], ledger: Ledger) -> int:
+def equalize_to_rank0(comm: Comm, tensors: Sequence[torch.Tensor], ledger: Ledger) -> None:
     """Every rank's ``tensors`` become rank 0's: checked by CRC, and only those that differ on
-    some rank are broadcast (every rank sees every CRC, so all pick the same ones). Returns how
-    many were sent."""
+    some rank are broadcast (every rank sees every CRC, so all pick the same ones)."""
     rows = _gather_checksums(comm, tensors, ledger)
     stale = [t for i, t in enumerate(tensors) if _differ(rows, i)]
     if stale:
         broadcast_from_rank0(comm, stale, ledger)
-    return len(stale)
 
 
 def start_equal(

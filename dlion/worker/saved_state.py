@@ -59,12 +59,17 @@ def is_gathered(state_dict: Any) -> bool:
     return isinstance(state_dict, dict) and GATHERED in state_dict
 
 
+def _place(comm: Comm | None) -> tuple[int, int]:
+    """(rank, world size); a process without a group is rank 0 of 1."""
+    return (comm.rank, comm.world_size) if comm is not None else (0, 1)
+
+
 def own_state(state_dict: dict[str, Any], key: str, comm: Comm | None, optimizer: str) -> dict[str, Any]:
     """This rank's entry of ``state_dict`` (one rank's state, or every rank's gathered), refused
     if the state records another rank or world size. ``key``: where the optimizer keeps its
     counters (and, if it records them, ``rank`` and ``world_size``)."""
     who = f"{optimizer}.load_state_dict"
-    rank, world = (comm.rank, comm.world_size) if comm is not None else (0, 1)
+    rank, world = _place(comm)
     alone = "" if comm is not None else " (no torch.distributed process group exists yet: make it first)"
     if is_gathered(state_dict):
         states = state_dict[GATHERED]
@@ -218,7 +223,7 @@ def save_optimizer_state(optimizer: Any, path: str | os.PathLike[str]) -> Path:
     """
     opt = dlion_optimizer(optimizer)
     comm = opt.comm_now()
-    rank, world = (comm.rank, comm.world_size) if comm is not None else (0, 1)
+    rank, world = _place(comm)
     file = Path(path) / STATE_FILE.format(rank=rank, world=world)
     error = None
     try:
@@ -240,7 +245,7 @@ def load_optimizer_state(optimizer: Any, path: str | os.PathLike[str]) -> None:
     """
     opt = dlion_optimizer(optimizer)
     comm = opt.comm_now()
-    rank, world = (comm.rank, comm.world_size) if comm is not None else (0, 1)
+    rank, world = _place(comm)
     source = Path(path)
     error = None
     try:
