@@ -4,7 +4,7 @@
         [--attacks flip,random,zero] [--seeds 0] [--steps S] [--task bytes] [--out DIR]
 
 For K = 0, 1, ... up to just under N/2, every optimizer trains with the last K ranks
-sending corrupted updates (``dlion train --byzantine K --attack A``; dlion.worker.byzantine):
+sending corrupted updates (``dlion train --byzantine K --attack A``; dlion.worker.core.byzantine):
 inverted, random or constant signs for the voters, negated, random or zero gradients for
 adamw-global. Runs land in DIR/runs/ and are skipped when their report exists. Writes
 DIR/byzantine.json, DIR/byzantine.md (a table: one row per optimizer and attack, one column
@@ -25,7 +25,7 @@ from bench.convergence import ints, names
 from bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
 from dlion.train.config import TASKS
 from dlion.worker import catalogue
-from dlion.worker.byzantine import ATTACKS
+from dlion.worker.core.byzantine import ATTACKS
 
 DEFAULT_OPTIMIZERS = ("dlion-mavo", "dlion-avg", "adamw-global")
 # 5 workers: odd, so the vote has no ties, and up to 2 attackers stay under N/2.

@@ -38,8 +38,8 @@ import torch.distributed as dist
 
 from bench.netcomm_model import Case, case_by_label, tensor_shapes
 from dlion.train.dist import record_failure, set_thread_counts
+from dlion.worker.baselines.dgc import DGC, DGCConfig
 from dlion.worker.catalogue import build_optimizer
-from dlion.worker.dgc import DGC, DGCConfig
 from launch.netns import IFNAME, HostCounters, NetnsError, parse_counters
 
 LR = 1e-4

@@ -37,8 +37,8 @@ from typing import Literal
 from bench import comm_model as cm
 from bench.comm_model import WORD_BYTES, Bytes
 from bench.comm_rank import BUCKET_NUMEL, tensor_numels
-from dlion.worker.config import Vote
-from dlion.worker.dgc_config import DGCConfig
+from dlion.worker.baselines.dgc_config import DGCConfig
+from dlion.worker.core.config import Vote
 
 Op = Literal["all_reduce", "all_gather", "all_to_all", "gather", "broadcast"]
 Algorithm = Literal["ring", "tree", "best"]

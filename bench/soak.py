@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.jobs import Job, run_jobs, train_argv
+from dlion.aggregate.backends import BACKENDS
 from dlion.worker.catalogue import OPTIMIZER_NAMES
-from dlion.worker.config import BACKENDS
 
 RSS_GROWTH_LIMIT = 0.05
 WARMUP_FRACTION = 0.2
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help=f"default: {FULL_STEPS}")
     p.add_argument("--workers", type=int, default=4, help="default: %(default)s")
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="dlion-mavo", help="default: %(default)s")
-    p.add_argument("--backend", choices=BACKENDS, default="sharded", help="default: %(default)s")
+    p.add_argument("--backend", choices=tuple(BACKENDS), default="sharded", help="default: %(default)s")
     p.add_argument("--out", type=Path, default=Path("bench-results/soak"), help="default: %(default)s")
     return p
 

@@ -3,14 +3,14 @@
 from dlion.integrations.ddp import attach
 from dlion.server import ParameterServer, WorkerLost, split_server
 from dlion.version import VERSION
+from dlion.worker.baselines.dgc import DGC, DGCConfig
+from dlion.worker.baselines.global_opt import GlobalOptimizer
+from dlion.worker.baselines.terngrad import TernGrad, TernGradConfig
 from dlion.worker.catalogue import build_optimizer
-from dlion.worker.checks import NonFiniteGradientError
-from dlion.worker.dgc import DGC, DGCConfig
-from dlion.worker.distributed_lion import DistributedLion
-from dlion.worker.global_opt import GlobalOptimizer
-from dlion.worker.lion import Lion, lion_update
-from dlion.worker.saved_state import gather_optimizer_state, load_optimizer_state, save_optimizer_state
-from dlion.worker.terngrad import TernGrad, TernGradConfig
+from dlion.worker.core.checks import NonFiniteGradientError
+from dlion.worker.core.lion import Lion, lion_update
+from dlion.worker.core.saved_state import gather_optimizer_state, load_optimizer_state, save_optimizer_state
+from dlion.worker.lion.distributed_lion import DistributedLion
 
 __version__ = VERSION
 

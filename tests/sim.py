@@ -15,7 +15,7 @@ from dlion.compress.buckets import plan_buckets
 from dlion.kernels import coin_bytes_ref, lion_sign_step_ref
 from dlion.kernels.stochastic import stochastic_sign_step_ref
 from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key
-from dlion.worker.byzantine import attack_key
+from dlion.worker.core.byzantine import attack_key
 
 
 @dataclass

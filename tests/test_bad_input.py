@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dlion
-from dlion.worker.global_opt import GlobalOptimizer
+from dlion.worker.baselines.global_opt import GlobalOptimizer
 
 from multiproc import run_ok, run_ranks
 

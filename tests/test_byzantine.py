@@ -15,8 +15,8 @@ from test_distributed_lion import BUCKET_NUMEL, GROUPS, _train, assert_bits_equa
 
 from dlion.kernels import pack_signs_ref
 from dlion.train.config import TrainConfig
-from dlion.worker.byzantine import Byzantine, attack_key, corrupt_grad, corrupt_signs
 from dlion.worker.catalogue import build_optimizer
+from dlion.worker.core.byzantine import Byzantine, attack_key, corrupt_grad, corrupt_signs
 
 from multiproc import run_ok
 from sim import simulate

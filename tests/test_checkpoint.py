@@ -14,8 +14,8 @@ import torch
 from dlion.ledger import CollectiveRecord, Ledger, Traffic
 from dlion.train.checkpoint import MODEL_FILE, rank_file
 from dlion.train.faults import CHECKPOINT_KILL, FAULT_KIND_ENV, FAULT_ONCE_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
-from dlion.worker.dgc import DGC
-from dlion.worker.distributed_lion import DistributedLion
+from dlion.worker.baselines.dgc import DGC
+from dlion.worker.lion.distributed_lion import DistributedLion
 
 from test_train import TINY, _run
 

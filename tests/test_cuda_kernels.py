@@ -14,7 +14,7 @@ from dlion import kernels as cpu
 from dlion.compress.sign import combine_majority
 from dlion.compress.sign_ops import CpuSignOps, CudaSignOps
 from dlion.kernels import cuda_ops as gpu
-from dlion.worker.lion import lion_update
+from dlion.worker.core.lion import lion_update
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = [1, 7, 8, 9, 64, 203]

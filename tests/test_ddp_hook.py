@@ -121,7 +121,7 @@ def _detach_and_guard(rank: int, world: int) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import dlion
-    from dlion.worker.guard import AveragedGradientsWarning
+    from dlion.worker.core.guard import AveragedGradientsWarning
 
     out: dict[str, Any] = {}
     for hooked in (True, False):

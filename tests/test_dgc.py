@@ -14,7 +14,7 @@ from dlion import wire
 from dlion.compress import dgc as codec
 from dlion.ledger import CollectiveRecord
 from dlion.wire import derive_key
-from dlion.worker.dgc import (
+from dlion.worker.baselines.dgc import (
     DGC,
     DGCConfig,
     build_dgc,

@@ -22,7 +22,7 @@ from sim import simulate
 
 def _flat_everywhere() -> None:
     from dlion.kernels import cuda_device
-    from dlion.worker import runners
+    from dlion.worker.lion import runners
 
     assert cuda_device.SIMULATED, "these tests run the CUDA kernels in Numba's simulator"
     runners.FLAT_DEVICES = ("cuda", "cpu")

@@ -14,7 +14,7 @@ from test_distributed_lion import BUCKET_NUMEL, GROUPS, STEPS, feed_steps, init_
 
 from dlion.aggregate.hierarchy import NodeLayout
 from dlion.compress.buckets import plan_buckets
-from dlion.worker.hierarchical import SHARD_STATE
+from dlion.worker.lion.hierarchical import SHARD_STATE
 
 from multiproc import run_ok
 from sim import simulate

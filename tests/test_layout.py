@@ -31,6 +31,11 @@ FLOORS: list[set[str]] = [
 ]
 
 
+# Rooms inside worker/, bottom first: the shared skeleton, then the Lion engine and the
+# baselines side by side (neither imports the other), then the catalogue that builds them all.
+WORKER_ROOMS: list[set[str]] = [{"core"}, {"lion", "baselines"}, {"catalogue", "__init__"}]
+
+
 def _modules() -> dict[str, Path]:
     mods = {}
     for f in sorted(LIB.rglob("*.py")):
@@ -125,6 +130,24 @@ def test_folders_import_downward_only() -> None:
             if dep.startswith("dlion.") and floor[_folder(dep)] > floor[here]:
                 upward.append(f"{module} imports {dep}")
     assert upward == []
+
+
+def test_worker_rooms_import_downward_only() -> None:
+    room = {name: level for level, names in enumerate(WORKER_ROOMS) for name in names}
+
+    def room_of(module: str) -> str:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 2 else "__init__"
+
+    worker = {m: deps for m, deps in _graph().items() if m.startswith("dlion.worker")}
+    assert {room_of(m) for m in worker} <= set(room), "give every worker/ room a level in WORKER_ROOMS"
+    crossing = [
+        f"{m} imports {d}"
+        for m, deps in worker.items()
+        for d in deps
+        if d.startswith("dlion.worker.") and room_of(d) != room_of(m) and room[room_of(d)] >= room[room_of(m)]
+    ]
+    assert crossing == []
 
 
 @pytest.mark.parametrize("module", ["dlion", "dlion.cli"])

@@ -11,7 +11,7 @@ import torch
 
 from dlion.train.config import TrainConfig
 from dlion.train.model import ByteGPT, ModelConfig
-from dlion.worker.powersgd import PowerSGD, PowerSGDConfig
+from dlion.worker.baselines.powersgd import PowerSGD, PowerSGDConfig
 
 from test_train import TINY, _run
 

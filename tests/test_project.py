@@ -139,8 +139,8 @@ def ledger_rank(rank: int, world: int) -> dict[str, list[tuple[str, str, int, in
     from dlion import DistributedLion, GlobalOptimizer, ParameterServer
     from dlion.server import ServerLink
     from dlion.transport import TorchComm
-    from dlion.worker.dgc import DGC, DGCConfig
-    from dlion.worker.terngrad import build_terngrad
+    from dlion.worker.baselines.dgc import DGC, DGCConfig
+    from dlion.worker.baselines.terngrad import build_terngrad
 
     sizes = range(2, WORLD + 1)
     groups = {n: dist.new_group(list(range(n))) for n in sizes}

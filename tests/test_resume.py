@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import dlion
 from dlion import DistributedLion
-from dlion.worker.saved_state import GATHERED, STATE_FILE
+from dlion.worker.core.saved_state import GATHERED, STATE_FILE
 
 from multiproc import run_ok
 

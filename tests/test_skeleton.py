@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from dlion.worker.base import CommOptimizer
 from dlion.worker.catalogue import build_optimizer, entry, names
+from dlion.worker.core.base import CommOptimizer
 
 from multiproc import run_ok
 

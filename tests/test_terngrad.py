@@ -23,8 +23,8 @@ from dlion.kernels import ternary as K
 from dlion.kernels import ternary_ref as R
 from dlion.ledger import Traffic
 from dlion.wire import derive_key
-from dlion.worker.checks import NonFiniteGradientError
-from dlion.worker.terngrad import TernGrad, TernGradConfig, build_terngrad
+from dlion.worker.baselines.terngrad import TernGrad, TernGradConfig, build_terngrad
+from dlion.worker.core.checks import NonFiniteGradientError
 
 SHAPES = [(7,), (3, 5), (33,), (1,), (4, 4, 3), (130,)]
 STEPS = 3

@@ -11,7 +11,7 @@ DDP communication hook that replaces the all-reduce:
 2. It tells the optimizer which parameters are final. Every DistributedLion bucket they
    complete starts its sign step, exchange and vote at once (``vote_bucket``), in one fixed
    order on every rank, so the collectives pair up across ranks whatever the timing; its new
-   momentum waits (dlion.worker.overlap). DDP's buckets can differ from DistributedLion's
+   momentum waits (dlion.worker.lion.overlap). DDP's buckets can differ from DistributedLion's
    and be rebuilt after the first iteration: the optimizer tracks parameters, not buckets.
 3. ``optimizer.step()`` agrees on the step (NaN, absent gradients), launches what backward did
    not, and applies the votes; a skipped step drops the waiting momentum.
@@ -46,8 +46,8 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dlion.worker.distributed_lion import DistributedLion
-from dlion.worker.state import unwrapped
+from dlion.worker.core.state import unwrapped
+from dlion.worker.lion.distributed_lion import DistributedLion
 
 
 @dataclass

@@ -38,8 +38,8 @@ from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dlion.integrations.ddp import Attachment, attach, unwrap_optimizer
-from dlion.worker.distributed_lion import DistributedLion
-from dlion.worker.saved_state import gather_optimizer_state
+from dlion.worker.core.saved_state import gather_optimizer_state
+from dlion.worker.lion.distributed_lion import DistributedLion
 
 
 def wrapper_of(model: torch.nn.Module) -> DDP | None:

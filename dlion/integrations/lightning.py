@@ -28,8 +28,8 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dlion.integrations.ddp import Attachment, attach
-from dlion.worker.distributed_lion import DistributedLion
-from dlion.worker.saved_state import gather_optimizer_state
+from dlion.worker.core.saved_state import gather_optimizer_state
+from dlion.worker.lion.distributed_lion import DistributedLion
 
 
 class DistributedLionCallback(pl.Callback):

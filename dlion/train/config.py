@@ -13,10 +13,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from dlion.aggregate.backends import BACKENDS
 from dlion.transport import TRANSPORTS
-from dlion.worker.byzantine import ATTACKS, Byzantine
 from dlion.worker.catalogue import OPTIMIZER_NAMES, BuildArgs, entry
-from dlion.worker.config import BACKENDS, one_of
+from dlion.worker.core.byzantine import ATTACKS, Byzantine
+from dlion.worker.core.config import one_of
 
 TASKS: tuple[str, ...] = ("bytes", "digits")
 SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
@@ -102,7 +103,7 @@ class OptimizerSection:
 class CommSection:
     """How the workers communicate."""
 
-    backend: str | None = field(default=None, metadata=_choices(BACKENDS))
+    backend: str | None = field(default=None, metadata=_choices(tuple(BACKENDS)))
     """where a vote or a gather runs: sharded (each rank votes a shard), every rank on all bits
     (allgather), a parameter server, or hierarchical (nodes vote; see --procs-per-node)
     (default: the optimizer's: sharded for the votes, allgather for terngrad and dgc)"""
@@ -125,7 +126,7 @@ class CommSection:
     coins and bytes as N processes, for studying many workers on few cores (0: real processes)"""
 
     def _check_comm(self) -> None:
-        one_of("backend", self.backend, BACKENDS)
+        one_of("backend", self.backend, tuple(BACKENDS))
         one_of("server", self.server, SERVER_PLACEMENTS)
         one_of("transport", self.transport, TRANSPORTS)
         Byzantine(workers=self.byzantine, attack=self.attack)  # raises naming a bad value

@@ -41,9 +41,9 @@ from dlion.train.resources import ResourceLog
 from dlion.train.tasks import build_task, evaluate
 from dlion.train.virtual import check_alone, run_virtual
 from dlion.transport import make_comm
-from dlion.worker.base import CommOptimizer
-from dlion.worker.byzantine import Byzantine
 from dlion.worker.catalogue import entry
+from dlion.worker.core.base import CommOptimizer
+from dlion.worker.core.byzantine import Byzantine
 
 # Collective records the job keeps per rank: enough to look at, bounded for long runs.
 LEDGER_RECORDS = 100

@@ -18,13 +18,13 @@ import torch.distributed as dist
 
 from dlion.server import ServerLink
 from dlion.transport import TorchComm
-from dlion.worker.byzantine import Byzantine
-from dlion.worker.dgc import build_dgc
-from dlion.worker.distributed_lion import DistributedLion
-from dlion.worker.global_opt import GlobalOptimizer
-from dlion.worker.lion import Lion
-from dlion.worker.powersgd import PowerSGD, PowerSGDConfig
-from dlion.worker.terngrad import build_terngrad
+from dlion.worker.baselines.dgc import build_dgc
+from dlion.worker.baselines.global_opt import GlobalOptimizer
+from dlion.worker.baselines.powersgd import PowerSGD, PowerSGDConfig
+from dlion.worker.baselines.terngrad import build_terngrad
+from dlion.worker.core.byzantine import Byzantine
+from dlion.worker.core.lion import Lion
+from dlion.worker.lion.distributed_lion import DistributedLion
 
 
 @dataclass(frozen=True, kw_only=True)

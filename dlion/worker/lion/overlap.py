@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dlion.worker.runners import Voted
+from dlion.worker.lion.runners import Voted
 
 
 class Overlap:

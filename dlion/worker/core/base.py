@@ -12,11 +12,11 @@ file, holding only their own math and wire format. The base owns what keeps the 
   else at the first step;
 - phase 2, agree: on the first step a fingerprint all_gather (6 int64 per rank) of the dlion
   release, the parameter list, the config and a digest of the gradients (the same on every
-  rank means they arrived averaged: every rank warns, dlion.worker.guard); every step the
+  rank means they arrived averaged: every rank warns, dlion.worker.core.guard); every step the
   metadata all_gather (4 + ceil(T/8) bytes per rank) of which tensors have a gradient on
   some rank and the first non-finite one. Every rank then takes the same branch: raise
   NonFiniteGradientError naming the rank and tensor, skip the step (nonfinite="skip", or a
-  GradScaler's overflow: dlion.worker.amp), or go on;
+  GradScaler's overflow: dlion.worker.core.amp), or go on;
 - phases 3 to 6, per bucket: ``_encode``, ``_exchange`` (the topology runs the combine where
   it belongs: on every rank, on a shard, at a server), ``_apply``; then ``_finish``;
 - the step counters, which key every rank's random draws and travel in ``state_dict``.
@@ -40,13 +40,13 @@ from dlion.aggregate.meta import (
 )
 from dlion.ledger import Ledger
 from dlion.transport import Comm, make_comm
-from dlion.worker.amp import take_loss_scale
-from dlion.worker.checks import GradientChangedError, dense_float_grads, first_nonfinite, raise_nonfinite
-from dlion.worker.config import CommConfig, NonFinite
-from dlion.worker.lion import run_closure
-from dlion.worker.saved_state import load_keeping_dtypes, own_state
-from dlion.worker.starting import Starting, config_text, refuse_training_alone
-from dlion.worker.state import fp32_state, params_with_groups, tensor_names
+from dlion.worker.core.amp import take_loss_scale
+from dlion.worker.core.checks import GradientChangedError, dense_float_grads, first_nonfinite, raise_nonfinite
+from dlion.worker.core.config import CommConfig, NonFinite
+from dlion.worker.core.lion import run_closure
+from dlion.worker.core.saved_state import load_keeping_dtypes, own_state
+from dlion.worker.core.starting import Starting, config_text, refuse_training_alone
+from dlion.worker.core.state import fp32_state, params_with_groups, tensor_names
 
 Grads = list[torch.Tensor | None]
 COUNTERS = ("steps_taken", "skipped_steps")
@@ -66,7 +66,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
 
     STATE_KEY: ClassVar[str]  # where the counters travel in state_dict
     PER_RANK_STATE: ClassVar[bool] = False  # each rank's state is its own: it records the rank
-    _step_supports_amp_scaling = True  # GradScaler steps every rank (dlion.worker.amp)
+    _step_supports_amp_scaling = True  # GradScaler steps every rank (dlion.worker.core.amp)
     _skipped: int
     _skip_flags: list[torch.Tensor]  # device flags of steps agreed on the device: skipped?
 
@@ -287,7 +287,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return sd
 
     def _restore_counters(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """This rank's own state (dlion.worker.saved_state), its counters set (if saved); the rest."""
+        """This rank's own state (dlion.worker.core.saved_state), its counters set (if saved); the rest."""
         state_dict = dict(own_state(state_dict, self.STATE_KEY, self.comm_now(), type(self).__name__))
         saved = state_dict.pop(self.STATE_KEY, None)
         if saved is not None:

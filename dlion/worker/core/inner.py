@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from dlion.worker.base import CommOptimizer, W
-from dlion.worker.config import CommConfig
-from dlion.worker.saved_state import load_keeping_dtypes
+from dlion.worker.core.base import CommOptimizer, W
+from dlion.worker.core.config import CommConfig
+from dlion.worker.core.saved_state import load_keeping_dtypes
 
 
 class InnerStep(CommOptimizer[W]):

@@ -11,16 +11,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dlion.aggregate.backends import CODES, names_for
 from dlion.aggregate.codes import exchange_codes, share_scalers
 from dlion.aggregate.meta import StepMeta
 from dlion.compress import terngrad as codec
 from dlion.transport import Comm
-from dlion.worker.base import Grads
-from dlion.worker.config import CommConfig, check_lion_hyperparameters, one_of
-from dlion.worker.inner import InnerStep
+from dlion.worker.core.base import Grads
+from dlion.worker.core.config import CommConfig, check_lion_hyperparameters, one_of
+from dlion.worker.core.inner import InnerStep
 
 TernBackend = Literal["allgather", "server"]
-TERN_BACKENDS: tuple[str, ...] = ("allgather", "server")
+TERN_BACKENDS: tuple[str, ...] = names_for(CODES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +63,7 @@ class TernGrad(InnerStep[TernStep]):
     """TernGrad around an inner torch optimizer (the paper trains with SGD with momentum).
 
     Per step, with N ranks and T parameter tensors ("layers"):
-      1. Check and agree (dlion.worker.base): on the first step a fingerprint all_gather (6
+      1. Check and agree (dlion.worker.core.base): on the first step a fingerprint all_gather (6
          int64 per rank); every step the metadata all_gather (4 + ceil(T/8) bytes per rank)
          of which tensors have a gradient and the first non-finite one; every rank then
          raises, skips the step, or goes on. A tensor no rank has a gradient for stays None

@@ -25,7 +25,7 @@ import torch
 
 from dlion.compress.buckets import Bucket
 from dlion.kernels import cuda_ops
-from dlion.worker.runners import Owner
+from dlion.worker.lion.runners import Owner
 
 
 class FlatRunner:

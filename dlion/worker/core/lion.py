@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dlion.ledger import Ledger
-from dlion.worker.config import check_lion_hyperparameters
+from dlion.worker.core.config import check_lion_hyperparameters
 
 
 def run_closure(closure: Callable[[], float] | None) -> float | None:

@@ -1,91 +1,17 @@
-"""Typed, validated configuration for the dlion optimizers: what every communicating
-optimizer shares (``CommConfig``), and DistributedLion's own."""
+"""DistributedLion's typed, validated configuration."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Literal
 
-from dlion.aggregate.start import START_MODES
-from dlion.transport import TRANSPORTS
-from dlion.worker.byzantine import Byzantine
+from dlion.aggregate.backends import BACKENDS, SIGNS, backend_spec
+from dlion.worker.core.byzantine import Byzantine
+from dlion.worker.core.config import TIES, VOTES, CommConfig, Tie, Vote, one_of
 
-Vote = Literal["majority", "average"]
-Tie = Literal["random", "zero"]
-NonFinite = Literal["raise", "skip"]
-Transport = Literal["torch", "mpi"]
 Backend = Literal["allgather", "sharded", "server", "hierarchical"]
-Start = Literal["broadcast", "verify"]
 Binarize = Literal["sign", "stochastic"]
-
-VOTES: tuple[str, ...] = ("majority", "average")
-TIES: tuple[str, ...] = ("random", "zero")
-NONFINITE: tuple[str, ...] = ("raise", "skip")
-BACKENDS: tuple[str, ...] = ("allgather", "sharded", "server", "hierarchical")
 BINARIZE: tuple[str, ...] = ("sign", "stochastic")
-
-
-def _finite_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def check_lion_hyperparameters(*, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
-    """Raise ValueError naming the first invalid Lion hyperparameter."""
-    if _finite_number("lr", lr) < 0:
-        raise ValueError(f"lr must be >= 0, got {lr!r}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= _finite_number(f"betas[{i}]", beta) < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-    if _finite_number("weight_decay", weight_decay) < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-
-
-def one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CommConfig:
-    """What every communicating optimizer's config has; the ranks must agree on all but
-    the timeout.
-
-    transport: "torch" (torch.distributed: Gloo for CPU tensors, NCCL for CUDA) or "mpi"
-               (mpi4py on NumPy buffers, COMM_WORLD; CPU tensors).
-    nonfinite: what a NaN/Inf gradient on any rank does: "raise" on every rank, or "skip"
-               the whole step on every rank (parameters and state untouched).
-    seed:      run seed of every random draw (coins, samples); must match across ranks.
-    timeout:   bound on every collective wait (None: the process group's timeout).
-    start:     how ranks start from the same parameters, when the optimizer is built if the
-               process group exists then, else at the first step: every rank's tensors are
-               checked against rank 0's by CRC, then "broadcast" sends rank 0's where they
-               differ (nothing when they are equal, as under DDP), or "verify" raises naming
-               the first tensor that differs.
-    """
-
-    transport: Transport = "torch"
-    nonfinite: NonFinite = "raise"
-    seed: int = 0
-    timeout: timedelta | None = None
-    start: Start = "broadcast"
-
-    def __post_init__(self) -> None:
-        one_of("transport", self.transport, TRANSPORTS)
-        one_of("nonfinite", self.nonfinite, NONFINITE)
-        one_of("start", self.start, START_MODES)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if self.timeout is not None and self.timeout.total_seconds() <= 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout!r}")
-
-
-OVERLAP_BACKENDS = ("allgather", "sharded")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,10 +41,10 @@ class DistributedLionConfig(CommConfig):
     cautious_wd:  cautious weight decay (Chen, Li, Liang et al., 2025): decay only where the
                   voted update and the parameter do not have opposite signs. Both are the
                   same on every rank, so ranks stay bit-identical.
-    byzantine:    the last K ranks send corrupted bits (dlion.worker.byzantine), for
+    byzantine:    the last K ranks send corrupted bits (dlion.worker.core.byzantine), for
                   measuring robustness; None: every rank is honest.
     overlap:      start each bucket's sign step and exchange from gradient hooks, during
-                  backward (dlion.worker.overlap); one backward per step. allgather and
+                  backward (dlion.worker.lion.overlap); one backward per step. allgather and
                   sharded backends, torch transport.
     procs_per_node: with backend "hierarchical", the ranks per node K (None: the launcher's
                   LOCAL_WORLD_SIZE): nodes vote, each on its K ranks' mean gradient
@@ -145,12 +71,12 @@ class DistributedLionConfig(CommConfig):
     def launches_in_backward(self) -> bool:
         """Whether a bucket's vote can start before step(): its collectives then run in one
         fixed order from gradient hooks (a server's steps begin with a header in step())."""
-        return self.backend in OVERLAP_BACKENDS and self.transport == "torch"
+        return BACKENDS[self.backend].in_backward and self.transport == "torch"
 
     def __post_init__(self) -> None:
         one_of("vote", self.vote, VOTES)
         one_of("tie", self.tie, TIES)
-        one_of("backend", self.backend, BACKENDS)
+        backend_spec(self.backend, SIGNS)
         one_of("binarize", self.binarize, BINARIZE)
         super().__post_init__()
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int):

@@ -30,7 +30,7 @@ import torch
 
 from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
 from dlion.transport import Comm
-from dlion.worker.state import unwrapped
+from dlion.worker.core.state import unwrapped
 
 GATHERED = "dlion_every_rank"  # {GATHERED: [state of rank 0, state of rank 1, ...]}
 CHUNK_BYTES = 1 << 26  # per rank per gather: bounds what a root holds on an NCCL device at once
@@ -44,7 +44,7 @@ HOW = (
 
 @runtime_checkable
 class Saves(Protocol):
-    """What these helpers need of an optimizer: every dlion.worker.base.CommOptimizer."""
+    """What these helpers need of an optimizer: every dlion.worker.core.base.CommOptimizer."""
 
     ledger: Ledger
 

@@ -23,8 +23,8 @@ from dlion.compress.sign_ops import SignOps
 from dlion.ledger import Ledger
 from dlion.transport import Comm
 from dlion.wire import MASK64, ZERO_STREAM, derive_key, extend_key
-from dlion.worker.config import DistributedLionConfig
-from dlion.worker.runners import Encoded, Voted
+from dlion.worker.lion.config import DistributedLionConfig
+from dlion.worker.lion.runners import Encoded, Voted
 
 SHARD_STATE = "exp_avg_shard"  # state[p][SHARD_STATE]: the momentum of p's piece of this rank's shard
 

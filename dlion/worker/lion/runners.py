@@ -3,7 +3,7 @@
 Which way is chosen once per bucket, when the optimizer is built (DistributedLion's
 ``_runner``):
 
-- ``FlatRunner`` (dlion.worker.flat): the bucket's parameters, momenta and gradients live in
+- ``FlatRunner`` (dlion.worker.lion.flat): the bucket's parameters, momenta and gradients live in
   flat buffers, and each phase is one CUDA kernel over the bucket. For a bucket whose
   tensors are CUDA tensors of one dtype the kernels take.
 - ``TensorRunner``: tensor by tensor, with the sign ops of the tensors' device (Numba
@@ -26,8 +26,8 @@ from torch import Tensor
 
 from dlion.compress.buckets import Bucket
 from dlion.compress.sign_ops import SignOps, stochastic_sign_step
-from dlion.worker.checks import all_finite_flag, first_nonfinite
-from dlion.worker.lion import lion_group_update
+from dlion.worker.core.checks import all_finite_flag, first_nonfinite
+from dlion.worker.core.lion import lion_group_update
 
 # Where a bucket may be flat. Tests add "cpu" to run FlatRunner in Numba's CUDA simulator.
 FLAT_DEVICES: tuple[str, ...] = ("cuda",)

@@ -19,8 +19,8 @@ from dlion.compress.buckets import Bucket, plan_buckets
 from dlion.compress.sign import result_layout
 from dlion.transport import Comm, TorchComm
 from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key, extend_key
-from dlion.worker.byzantine import corrupt_bucket
-from dlion.worker.runners import Encoded, Runner, TensorRunner, Voted, can_be_flat
+from dlion.worker.core.byzantine import corrupt_bucket
+from dlion.worker.lion.runners import Encoded, Runner, TensorRunner, Voted, can_be_flat
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _runner(opt: Any, bucket: Bucket) -> Runner:
     if opt.stochastic or opt.config.backend == "hierarchical":
         return TensorRunner(opt, bucket)
     if can_be_flat([p for p, _ in opt.pairs(bucket)]):
-        from dlion.worker.flat import FlatRunner  # loads the CUDA kernels: flat buckets only
+        from dlion.worker.lion.flat import FlatRunner  # loads the CUDA kernels: flat buckets only
 
         return FlatRunner(opt, bucket)
     return TensorRunner(opt, bucket)

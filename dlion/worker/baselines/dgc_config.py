@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from dlion.aggregate.backends import SPARSE, names_for
 from dlion.compress import dgc as codec
-from dlion.worker.config import CommConfig
+from dlion.worker.core.config import CommConfig
 
 DGCBackend = Literal["allgather", "server"]
 ValueDtype = Literal["float32", "float16"]
-DGC_BACKENDS: tuple[str, ...] = ("allgather", "server")
+DGC_BACKENDS: tuple[str, ...] = names_for(SPARSE)
 # The paper warms up over its first epochs (4 of 90-164 in the image runs, 2-5% of
 # training); 20 steps is 5% of the training job's default 400 steps: 5 steps at each of
 # 75%, 93.75%, 98.4375%, 99.6% sparsity.

@@ -14,9 +14,9 @@ from dlion.aggregate.sparse import exchange_sparse
 from dlion.compress import dgc as codec
 from dlion.transport import Comm
 from dlion.wire import SAMPLE_STREAM, derive_key
-from dlion.worker.base import CommOptimizer, Grads
-from dlion.worker.dgc_config import DGCConfig, check_value, is_number
-from dlion.worker.dgc_update import clip_factor, momentum_correction, momentum_sgd_apply, take_sent
+from dlion.worker.baselines.dgc_config import DGCConfig, check_value, is_number
+from dlion.worker.baselines.dgc_update import clip_factor, momentum_correction, momentum_sgd_apply, take_sent
+from dlion.worker.core.base import CommOptimizer, Grads
 
 __all__ = [
     "DGC",
@@ -45,7 +45,7 @@ class DGC(CommOptimizer[DGCStep]):
 
     Per step t, with N ranks (N = 1 runs the same math and skips every collective):
 
-      1. Check and agree (dlion.worker.base): on the first step a fingerprint all_gather
+      1. Check and agree (dlion.worker.core.base): on the first step a fingerprint all_gather
          (6 int64 per rank); then the metadata all_gather (4 + ceil(T/8) bytes per rank) of
          which tensors have a gradient somewhere and the first non-finite one. Every rank
          then raises NonFiniteGradientError, skips the step (nonfinite="skip"), or goes on.

@@ -14,24 +14,15 @@ from dlion.compress.buckets import Bucket
 from dlion.compress.sign_ops import SignOps, ops_for
 from dlion.server import Hello, ServerClient, ServerLink
 from dlion.transport import Comm
-from dlion.worker.base import CommOptimizer, Grads
-from dlion.worker.byzantine import Byzantine, attack_of
-from dlion.worker.checks import GradientChangedError, first_nonfinite
-from dlion.worker.config import (
-    Backend,
-    Binarize,
-    DistributedLionConfig,
-    NonFinite,
-    Start,
-    Tie,
-    Transport,
-    Vote,
-    check_lion_hyperparameters,
-)
-from dlion.worker.hierarchical import Hierarchy
-from dlion.worker.lion_plan import combiner, make_plan, sign_step, vote
-from dlion.worker.overlap import Launching
-from dlion.worker.runners import (
+from dlion.worker.core.base import CommOptimizer, Grads
+from dlion.worker.core.byzantine import Byzantine, attack_of
+from dlion.worker.core.checks import GradientChangedError, first_nonfinite
+from dlion.worker.core.config import NonFinite, Start, Tie, Transport, Vote, check_lion_hyperparameters
+from dlion.worker.lion.config import Backend, Binarize, DistributedLionConfig
+from dlion.worker.lion.hierarchical import Hierarchy
+from dlion.worker.lion.lion_plan import combiner, make_plan, sign_step, vote
+from dlion.worker.lion.overlap import Launching
+from dlion.worker.lion.runners import (
     Encoded,
     FlatRunnerLike,
     Voted,
@@ -58,14 +49,14 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     Every rank keeps its own Lion momentum. Per step, with N ranks:
 
-      1-2. Check and agree (dlion.worker.base): once, the start (rank 0's parameters where
+      1-2. Check and agree (dlion.worker.core.base): once, the start (rank 0's parameters where
          they differ) and the fingerprint; every step, NaN/Inf scans (flat CUDA buckets: one
          fused check) and gradients changed since a vote began in backward, in the metadata;
          every rank raises, skips the step or goes on alike. A tensor no rank has a gradient
          for is skipped as in torch.optim; a rank without one for a tensor others have votes 0.
       3. Encode, per bucket: the fused sign step c = b1*m + (1-b1)*g, its sign packed to one
          bit per parameter, m <- b2*m + (1-b2)*g (one kernel per flat CUDA bucket, else per
-         tensor: dlion.worker.runners); a c of exactly 0 takes a seeded fair coin (bit 1 =
+         tensor: dlion.worker.lion.runners); a c of exactly 0 takes a seeded fair coin (bit 1 =
          positive), so it adds no drift. ``binarize="stochastic"`` (dlion-sto): a seeded coin,
          positive with probability (1 + clip(c / mean|c|, -1, 1)) / 2, so averaged signs are
          unbiased. ``byzantine``: attacking ranks corrupt their bits, not their momentum.
@@ -81,7 +72,7 @@ class DistributedLion(CommOptimizer[LionStep]):
          ``cautious_wd``, no decay where the update and p have opposite signs).
 
     With ``overlap=True`` (or under dlion.attach) phases 3-5 of a bucket start in backward as
-    its gradients arrive (dlion.worker.overlap); the momentum is committed once the step goes
+    its gradients arrive (dlion.worker.lion.overlap); the momentum is committed once the step goes
     ahead, so results are the same; a gradient changed after its vote began raises on every
     rank. ``vote_bucket`` and ``apply_bucket`` are these per-bucket phases, for outside step().
 
@@ -154,7 +145,7 @@ class DistributedLion(CommOptimizer[LionStep]):
         forced = self._server is not None or self.config.force_comm
         return self._comm is not None and (self._comm.world_size > 1 or forced)
 
-    # ---- what the runners read (dlion.worker.runners.Owner)
+    # ---- what the runners read (dlion.worker.lion.runners.Owner)
 
     def pairs(self, bucket: Bucket) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         return [self._flat[s.index] for s in bucket.slots]

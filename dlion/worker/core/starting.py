@@ -1,6 +1,6 @@
 """What a communicating optimizer checks once, before its steps: that every rank runs the same
 release, parameter list and config (the fingerprint), holds rank 0's parameters and buffers
-(the start, dlion.aggregate.start), and did not get averaged gradients (dlion.worker.guard).
+(the start, dlion.aggregate.start), and did not get averaged gradients (dlion.worker.core.guard).
 
 The start runs as soon as there is a transport: when the optimizer is built if the process group
 exists then, so ranks seeded differently (nanoGPT seeds each rank) run their first forward on
@@ -22,7 +22,7 @@ from dlion.aggregate.meta import check_fingerprint
 from dlion.aggregate.start import start_equal
 from dlion.ledger import Ledger
 from dlion.transport import Comm
-from dlion.worker.guard import gradient_digest, warn_if_averaged
+from dlion.worker.core.guard import gradient_digest, warn_if_averaged
 
 
 class Starting:

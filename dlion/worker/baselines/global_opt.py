@@ -11,10 +11,10 @@ import torch
 from dlion.aggregate.meta import StepMeta
 from dlion.ledger import CollectiveRecord, Traffic, all_reduce_traffic
 from dlion.transport import Comm
-from dlion.worker.base import Grads
-from dlion.worker.byzantine import Byzantine, attack_key, attack_of, corrupt_grad
-from dlion.worker.config import CommConfig, one_of
-from dlion.worker.inner import InnerStep
+from dlion.worker.core.base import Grads
+from dlion.worker.core.byzantine import Byzantine, attack_key, attack_of, corrupt_grad
+from dlion.worker.core.config import CommConfig, one_of
+from dlion.worker.core.inner import InnerStep
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -46,14 +46,14 @@ class GlobalOptimizer(InnerStep[AllReduceStep]):
     """Any torch optimizer on the ring all-reduced mean gradient ("global AdamW").
 
     Per step, with N ranks:
-      1-2. Check and agree (dlion.worker.base): the metadata all_gather (4 + ceil(T/8) bytes
+      1-2. Check and agree (dlion.worker.core.base): the metadata all_gather (4 + ceil(T/8) bytes
          per rank) of which tensors have a gradient anywhere and the first with a NaN/Inf on
          any rank. A tensor none has stays None (the inner optimizer skips it); a rank without
          one contributes zeros. A non-finite gradient raises NonFiniteGradientError on every
          rank naming the rank and tensor, or with nonfinite="skip" skips the step on every rank.
       3. Encode: all gradients flattened in ``wire_dtype``, padded so each of the N ring chunks
          is a whole number of elements. With ``byzantine``, the attacking ranks corrupt their
-         gradients in the flat buffer (dlion.worker.byzantine; "flip" negates them).
+         gradients in the flat buffer (dlion.worker.core.byzantine; "flip" negates them).
       4-5. Exchange and combine: one all_reduce (sum), then divide by N.
       6. Apply: each p.grad becomes the mean; the inner optimizer steps, identical on all ranks.
 

@@ -1,0 +1,1 @@
+"""The baselines measured beside Distributed Lion: fp32 all-reduce, TernGrad, DGC, PowerSGD."""

@@ -1,0 +1,1 @@
+"""What every communicating optimizer shares: the step skeleton, checks, config, state."""

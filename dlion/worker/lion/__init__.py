@@ -1,0 +1,1 @@
+"""The Distributed Lion engine: the optimizer, its bucket routes, runners and overlap."""
