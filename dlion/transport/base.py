@@ -47,6 +47,12 @@ class Comm(Protocol):
     timeout: timedelta | None
     device: torch.device  # where received buffers live (CUDA for NCCL, else the CPU)
 
+    @property
+    def torch_group(self) -> Any:
+        """The torch.distributed group underneath, or None (MPI, threads): what needs torch's
+        own collectives (agreeing on the device, DDP's and PowerSGD's hooks) reads it."""
+        ...
+
     def all_gather(self, send: torch.Tensor, what: str) -> torch.Tensor:
         """send: [L] -> [world_size, L], row r from rank r."""
         ...

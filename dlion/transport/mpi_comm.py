@@ -23,6 +23,8 @@ _POLL_S = 2e-4
 class MpiComm:
     """The ranks of an MPI communicator (default COMM_WORLD), as seen from this rank."""
 
+    torch_group = None  # not torch.distributed
+
     def __init__(self, comm: Any = None, timeout: timedelta | None = None) -> None:
         try:
             from mpi4py import MPI

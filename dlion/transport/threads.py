@@ -92,6 +92,7 @@ class ThreadComm:
     results are deterministic (the same from run to run, not Gloo's summation order)."""
 
     device = torch.device("cpu")
+    torch_group = None  # not torch.distributed
 
     def __init__(self, group: ThreadGroup, rank: int) -> None:
         self.group = group

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,11 @@ class TorchComm:
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         )
+
+    @property
+    def torch_group(self) -> Any:
+        """The torch.distributed group (the default group's handle when made with None)."""
+        return self.group if self.group is not None else dist.group.WORLD
 
     def _wait(self, work: dist.Work | None, what: str, deadline: float | None = None) -> None:
         if work is None:

@@ -17,7 +17,7 @@ import torch
 from dlion.aggregate.topology import BucketWire, Combine, align_bytes, vote_bits
 from dlion.compress.buckets import Bucket, plan_buckets
 from dlion.compress.sign import result_layout
-from dlion.transport import Comm, TorchComm
+from dlion.transport import Comm
 from dlion.wire import TIE_STREAM, ZERO_STREAM, derive_key, extend_key
 from dlion.worker.core.byzantine import corrupt_bucket
 from dlion.worker.lion.runners import Encoded, Runner, TensorRunner, Voted, can_be_flat
@@ -46,7 +46,8 @@ def make_plan(opt: Any) -> LionPlan:
         [torch.tensor([s.index for s in b.slots], dtype=torch.int64, device=dev) for b in buckets],
         # Nothing the host must decide per bucket: no dedicated server's header, no attacker.
         all(r.flat for r in runners)
-        and isinstance(opt._comm, TorchComm)
+        and opt._comm is not None
+        and opt._comm.torch_group is not None
         and opt._server is None
         and opt._attack is None,
     )
