@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.convergence import ints, names
-from bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
+from bench.common.flags import check_ints, check_names, ints, names
+from bench.common.jobs import Job, backend_flags, run_jobs, train_argv
 from dlion.train.config import TASKS
 from dlion.worker import catalogue
 from dlion.worker.core.byzantine import ATTACKS

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import Job, backend_flags, check_ints, check_names, run_jobs, train_argv
+from bench.common.flags import check_ints, check_names, ints, names
+from bench.common.jobs import Job, backend_flags, run_jobs, train_argv
 from dlion import report
 from dlion.train.config import TASKS
 from dlion.worker import catalogue
@@ -205,17 +206,6 @@ def paper_figure(points: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import Job, run_jobs, train_argv
+from bench.common.jobs import Job, run_jobs, train_argv
 from dlion.aggregate.backends import BACKENDS
 from dlion.worker.catalogue import OPTIMIZER_NAMES
 

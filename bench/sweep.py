@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import Job, backend_flags, run_jobs, train_argv
+from bench.common.jobs import Job, backend_flags, run_jobs, train_argv
 
 
 @dataclass(frozen=True)

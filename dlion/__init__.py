@@ -7,9 +7,10 @@ from dlion.worker.baselines.dgc import DGC, DGCConfig
 from dlion.worker.baselines.global_opt import GlobalOptimizer
 from dlion.worker.baselines.terngrad import TernGrad, TernGradConfig
 from dlion.worker.catalogue import build_optimizer
-from dlion.worker.core.checks import NonFiniteGradientError
+from dlion.worker.core.checks import GradientChangedError, NonFiniteGradientError
 from dlion.worker.core.lion import Lion, lion_update
 from dlion.worker.core.saved_state import gather_optimizer_state, load_optimizer_state, save_optimizer_state
+from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.distributed_lion import DistributedLion
 
 __version__ = VERSION
@@ -18,7 +19,9 @@ __all__ = [
     "DGC",
     "DGCConfig",
     "DistributedLion",
+    "DistributedLionConfig",
     "GlobalOptimizer",
+    "GradientChangedError",
     "Lion",
     "NonFiniteGradientError",
     "ParameterServer",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.comm import BenchConfig
-from bench.comm_launch import find_mpiexec
-from bench.comm_model import FP32, Variant, bucket_bytes, expected_bytes
+from bench.comm.driver import BenchConfig
+from bench.comm.launch import find_mpiexec
+from bench.comm.model import FP32, Variant, bucket_bytes, expected_bytes
 
 
 @pytest.fixture(scope="module")

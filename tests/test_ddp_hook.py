@@ -79,8 +79,8 @@ def _train(
         "step_bytes": opt.ledger.step_bytes(),
         "grad": grads_local[-1],
         "launched": launched,
-        "buckets": len(opt._buckets),
-        "on_device": opt._on_device,
+        "buckets": len(opt.plan.buckets),
+        "on_device": opt.plan.on_device,
     }
 
 

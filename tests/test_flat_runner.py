@@ -25,7 +25,7 @@ def _flat_everywhere() -> None:
     from dlion.worker.lion import runners
 
     assert cuda_device.SIMULATED, "these tests run the CUDA kernels in Numba's simulator"
-    runners.FLAT_DEVICES = ("cuda", "cpu")
+    runners.allow_flat_on("cuda", "cpu")
 
 
 def _train(rank: int, world: int, cases: list[tuple[str, str, str]], flat: bool) -> list[dict[str, Any]]:
@@ -39,7 +39,7 @@ def _train(rank: int, world: int, cases: list[tuple[str, str, str]], flat: bool)
             for g in GROUPS
         ]
         opt = DistributedLion(groups, vote=vote, tie=tie, seed=7, bucket_numel=BUCKET_NUMEL, backend=backend)  # type: ignore[arg-type]
-        assert [r.flat for r in opt._runners] == [flat] * len(opt._runners)
+        assert [r.flat for r in opt.plan.runners] == [flat] * len(opt.plan.runners)
         grads = make_grads(world)
         for step in range(STEPS):
             for p, g in zip(params, grads[step][rank], strict=True):
@@ -107,7 +107,7 @@ def _alone(rank: int, world: int, nonfinite: str) -> dict[str, Any]:
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = DistributedLion(params, lr=0.01, weight_decay=0.1, bucket_numel=128, nonfinite=nonfinite)
     lion = Lion(ref, lr=0.01, weight_decay=0.1)
-    assert all(r.flat for r in opt._runners)
+    assert all(r.flat for r in opt.plan.runners)
     out: dict[str, Any] = {"error": None}
     for step in range(4):
         for p, q in zip(params, ref, strict=True):
@@ -145,7 +145,7 @@ def _communicating_nan(rank: int, world: int, flat: bool, nonfinite: str) -> dic
     gen = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(7,), (3, 5), (33,), (16, 8)]]
     opt = DistributedLion(params, lr=0.01, weight_decay=0.1, bucket_numel=128, nonfinite=nonfinite, seed=3)
-    assert opt._on_device == flat  # flat buckets on a torch transport agree on the device
+    assert opt.plan.on_device == flat  # flat buckets on a torch transport agree on the device
     out: dict[str, Any] = {"error": None}
     for step in range(4):
         gen_r = torch.Generator().manual_seed(100 * step + rank)

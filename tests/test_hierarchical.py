@@ -14,7 +14,7 @@ from test_distributed_lion import BUCKET_NUMEL, GROUPS, STEPS, feed_steps, init_
 
 from dlion.aggregate.hierarchy import NodeLayout
 from dlion.compress.buckets import plan_buckets
-from dlion.worker.lion.hierarchical import SHARD_STATE
+from dlion.worker.lion.route_hier import SHARD_STATE
 
 from multiproc import run_ok
 from sim import simulate
@@ -34,9 +34,8 @@ def _train(rank: int, world: int, per_node: int, vote: str, tie: str) -> dict[st
     feed_steps(opt, params, rank, world)
     order = [i for g in GROUPS for i in g.indices]
     pieces = {}
-    assert opt._hier is not None
-    for k, bucket in enumerate(opt._buckets):
-        for piece in opt._hier.pieces[k]:
+    for k, bucket in enumerate(opt.plan.buckets):
+        for piece in opt.plan.routes[k].pieces:
             i = bucket.slots[piece.slot].index
             p = params[i]
             if SHARD_STATE in opt.state.get(p, {}):

@@ -1,4 +1,4 @@
-"""The README's nanoGPT recipe, run as nanoGPT runs: its train.py loop shape under torchrun
+"""The nanoGPT recipe of docs/training-loops.md, run as nanoGPT runs: its train.py loop shape under torchrun
 (DDP with dlion.attach, accumulation, GradScaler.unscale_ and clip_grad_norm_, a checkpoint
 saved by rank 0), stopped and resumed, ends with the uninterrupted run's parameters."""
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import netcomm
-from bench.netcomm_model import BASELINE, CASES, HEADLINE, MIN_PARAMS, Case, expected, tensor_shapes
-from bench.netcomm_report import Row, bytes_table, headlines, time_table
+from bench.netcomm import driver as netcomm
+from bench.netcomm.model import BASELINE, CASES, HEADLINE, MIN_PARAMS, Case, expected, tensor_shapes
+from bench.netcomm.report import Row, bytes_table, headlines, time_table
 from launch.netns import namespaces_unavailable
 
 RUN_TIMEOUT_S = 150

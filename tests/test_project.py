@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from bench import project as cli
-from bench.project_model import (
+from bench.project import driver as cli
+from bench.project.model import (
     BY_LABEL,
     FP32_RING,
     METHODS,
@@ -126,7 +126,7 @@ def test_crossover_on_a_constructed_case() -> None:
 # The ledger: every method's real optimizer on 2, 3 and 4 Gloo ranks (subgroups of one job of
 # 4 processes), its steady step's records against the plan. Rank 3 is the dedicated server
 # process at N = 2 and 3; N = 4 would need a fifth process, about 2 s more of this test.
-NUMELS = [8201, 5401, 3401, 1801, 1021, 3, 172]  # comm_rank.tensor_numels(20_000)
+NUMELS = [8201, 5401, 3401, 1801, 1021, 3, 172]  # bench.comm.rank.tensor_numels(20_000)
 BUCKET_NUMEL = 8192  # several buckets, one tensor larger than a bucket
 WORLD = 4
 SERVER = 3
@@ -293,8 +293,8 @@ def test_bad_flags_are_named(
 
 
 def test_hierarchical_projection_sends_a_kth_of_the_bits_between_nodes() -> None:
-    from bench.comm_rank import tensor_numels
-    from bench.project_hier import Step, _sent, hierarchical_plan, project_rows, render
+    from bench.comm.rank import tensor_numels
+    from bench.project.hier import Step, _sent, hierarchical_plan, project_rows, render
 
     numels = tensor_numels(10_000_000)
     flat = hierarchical_plan(64, 1, numels)  # one GPU per node: the flat sharded vote

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dlion.aggregate.backends import CODES, backend_spec
+from dlion.aggregate.rank0 import RootRound, exchange_at_root
 from dlion.compress import terngrad as codec
 from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_gather_traffic
 from dlion.transport import Comm
@@ -31,27 +33,32 @@ def exchange_codes(
     comm: Comm, packet: np.ndarray, layout: codec.CodeLayout, backend: str, ledger: Ledger
 ) -> np.ndarray:
     """int32[layout.n_slots]: the sum over ranks of every slot's ternary value."""
+    server = backend_spec(backend, CODES).server
     n = comm.world_size
     up = layout.code_traffic()
-    if backend == "allgather":
+    if not server:
         gathered = comm.all_gather(torch.from_numpy(packet), "ternary codes all_gather").cpu().numpy()
         ledger.record(CollectiveRecord("codes", "all_gather", n, *all_gather_traffic(up, n)))
         return codec.sum_codes(gathered)
-    # Server on rank 0: gather the packets, sum, broadcast the exact sums.
-    gathered_t = comm.gather(torch.from_numpy(packet), SERVER_RANK, "ternary codes gather to server")
+    # The server sends the exact sums back, bit-sliced; it keeps its own unpacked.
     plane_bytes = layout.sums_bytes()
-    down = layout.sums_traffic(n)
-    if comm.rank == SERVER_RANK:
-        assert gathered_t is not None
-        sums = codec.sum_codes(gathered_t.cpu().numpy())
-        planes = codec.pack_sums(sums, n, plane_bytes)
-        ledger.record(CollectiveRecord("codes[server]", "gather", n, Traffic(), up * (n - 1)))
-    else:
-        planes = np.zeros((codec.level_bits(n), plane_bytes), np.uint8)
-        ledger.record(CollectiveRecord("codes", "gather", n, up, Traffic()))
-    planes_t = comm.broadcast(torch.from_numpy(planes), SERVER_RANK, "ternary sums broadcast from server")
-    if comm.rank == SERVER_RANK:
-        ledger.record(CollectiveRecord("sums[server]", "broadcast", n, down * (n - 1), Traffic()))
+
+    def sum_at_server(gathered: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        sums = codec.sum_codes(gathered.cpu().numpy())
+        return torch.from_numpy(codec.pack_sums(sums, n, plane_bytes)), sums
+
+    plan = RootRound(
+        up_name="codes",
+        down_name="sums",
+        gather_what="ternary codes gather to server",
+        broadcast_what="ternary sums broadcast from server",
+        up=up,
+        down=layout.sums_traffic(n),
+        reply_shape=(codec.level_bits(n), plane_bytes),
+        reply_dtype=torch.uint8,
+        root=SERVER_RANK,
+    )
+    planes, sums = exchange_at_root(comm, torch.from_numpy(packet), plan, sum_at_server, ledger)
+    if sums is not None:
         return sums
-    ledger.record(CollectiveRecord("sums", "broadcast", n, Traffic(), down))
-    return codec.unpack_sums(planes_t.cpu().numpy(), n, layout.n_slots)
+    return codec.unpack_sums(planes.cpu().numpy(), n, layout.n_slots)

@@ -19,13 +19,15 @@ a 1-bit result, and the K local ranks of a node use K network paths at once.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from dlion.aggregate.topology import BucketWire, Combine, sharded_vote
+from dlion.aggregate.votes import BucketWire, Combine, sharded_vote
+from dlion.checks import check_int
 from dlion.compress.buckets import Bucket
 from dlion.ledger import CollectiveRecord, Ledger, Traffic
 from dlion.transport import Comm, TorchComm
@@ -44,8 +46,7 @@ class NodeLayout:
 
     @staticmethod
     def of(rank: int, world_size: int, per_node: int) -> NodeLayout:
-        if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
-            raise ValueError(f"procs_per_node must be an int >= 1, got {per_node!r}")
+        check_int("procs_per_node", per_node, low=1)
         if world_size % per_node:
             raise ValueError(
                 f"the hierarchical backend needs whole nodes: world size {world_size} is not a multiple "
@@ -88,6 +89,23 @@ def node_groups(layout: NodeLayout, timeout: timedelta | None) -> tuple[Comm, Co
         g = dist.new_group([n * k + j for n in range(h)])
         cross = g if j == layout.local else cross
     return TorchComm(node, timeout), TorchComm(cross, timeout)
+
+
+# Per transport: (layout, node, cross). Weak keys, so a transport's groups go with it.
+_MADE: weakref.WeakKeyDictionary[Comm, tuple[NodeLayout, Comm, Comm]] = weakref.WeakKeyDictionary()
+
+
+def node_groups_for(comm: Comm, layout: NodeLayout, timeout: timedelta | None) -> tuple[Comm, Comm]:
+    """``node_groups`` made once per transport ``comm`` (again only if ``layout`` changes).
+
+    Making groups is a collective of the whole world (every rank makes every group, in one
+    order), so a re-plan after add_param_group reuses these instead of making, and leaking,
+    new ones. The groups keep the ``timeout`` they were made with.
+    """
+    made = _MADE.get(comm)
+    if made is None or made[0] != layout:
+        made = _MADE[comm] = (layout, *node_groups(layout, timeout))
+    return made[1], made[2]
 
 
 def node_mean(node: Comm, flat: torch.Tensor, wire: BucketWire, ledger: Ledger) -> torch.Tensor:

@@ -27,6 +27,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from dlion.checks import check_number
 from dlion.worker.catalogue import CATALOGUE
 
 REPORT = "report.json"
@@ -101,8 +102,10 @@ def _report_paths(arg: str) -> list[Path]:
 
 
 def _number(path: Path, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ReportError(f"{path}: field {name!r} must be a number, got {value!r}")
+    try:  # NaN and inf are numbers here: a diverged run still has a report
+        check_number(f"field {name!r}", value, finite=False)
+    except ValueError as err:
+        raise ReportError(f"{path}: {err}") from None
     return float(value)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dlion.aggregate.topology import BucketWire
+from dlion.aggregate.votes import BucketWire
 from dlion.ledger import CollectiveRecord, Ledger, Traffic
 from dlion.server.protocol import MAGIC, OP_STEP, OP_STOP, Hello, totals_summary
 from dlion.transport import make_comm

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dlion.aggregate.topology import BucketWire
+from dlion.aggregate.votes import BucketWire
 from dlion.compress.sign import result_layout
 from dlion.ledger import Traffic
 

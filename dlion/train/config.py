@@ -9,15 +9,20 @@ see the values used.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from typing import Any
 
 from dlion.aggregate.backends import BACKENDS
+from dlion.checks import check_bool, check_int, check_number, one_of
+from dlion.server import ServerLink
 from dlion.transport import TRANSPORTS
-from dlion.worker.catalogue import OPTIMIZER_NAMES, BuildArgs, entry
+from dlion.worker.catalogue import OPTIMIZER_NAMES, entry
+from dlion.worker.core.build_args import BuildArgs
 from dlion.worker.core.byzantine import ATTACKS, Byzantine
-from dlion.worker.core.config import one_of
+
+# launch/cluster.py checks its own flags with these, imported from here.
+check_float = check_number
 
 TASKS: tuple[str, ...] = ("bytes", "digits")
 SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
@@ -89,13 +94,12 @@ class OptimizerSection:
         for name, default in zip(("beta1", "beta2"), row.betas, strict=True):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
-        check_float("lr", self.lr, low=0.0, low_open=True)
-        check_float("weight_decay", self.weight_decay, low=0.0)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
         for name in ("beta1", "beta2"):
-            check_float(name, getattr(self, name), low=0.0, high=1.0)
-        if not isinstance(self.cautious_wd, bool):
-            raise ValueError(f"cautious_wd must be a bool, got {self.cautious_wd!r}")
-        check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, high_open=False)
+            check_number(name, getattr(self, name), low=0, high=1, high_open=True)
+        check_bool("cautious_wd", self.cautious_wd)
+        check_number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_int("powersgd_rank", self.powersgd_rank, low=1)
 
 
@@ -130,10 +134,9 @@ class CommSection:
         one_of("server", self.server, SERVER_PLACEMENTS)
         one_of("transport", self.transport, TRANSPORTS)
         Byzantine(workers=self.byzantine, attack=self.attack)  # raises naming a bad value
-        check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
+        check_number("timeout_s", self.timeout_s, low=0, low_open=True)
         check_int("virtual_workers", self.virtual_workers, low=0)
-        if self.procs_per_node is not None:
-            check_int("procs_per_node", self.procs_per_node, low=1)
+        check_int("procs_per_node", self.procs_per_node, low=1, or_none=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,8 +169,7 @@ class RunSection:
             check_int(name, getattr(self, name), low=1)
         for name in ("seed", "checkpoint_every"):
             check_int(name, getattr(self, name), low=0)
-        if not isinstance(self.overwrite, bool):
-            raise ValueError(f"overwrite must be a bool, got {self.overwrite!r}")
+        check_bool("overwrite", self.overwrite)
 
 
 SECTIONS = (ModelSection, OptimizerSection, CommSection, RunSection)
@@ -212,23 +214,43 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
                 f"and no dedicated server; got transport {self.transport!r}, server {self.server!r}"
             )
 
-    def build_args(self, **comm: Any) -> BuildArgs:
-        """The optimizer's arguments; ``comm`` adds what only a running job knows (process
-        group, server link, timeout, byzantine)."""
+    def build_args(
+        self,
+        *,
+        process_group: Any = None,
+        timeout: timedelta | None = None,
+        server: ServerLink | None = None,
+        byzantine: Byzantine | None = None,
+    ) -> BuildArgs:
+        """The optimizer's arguments, with what only a running job knows: its process group
+        and timeout (shared by every optimizer), a dedicated server's link and the attackers
+        (options of the rows that have them; refused by the others)."""
         assert self.lr is not None and self.weight_decay is not None  # resolved when built
         assert self.backend is not None and self.beta1 is not None and self.beta2 is not None
+        row = entry(self.optimizer)
+        # Settings reach the rows that have them and the others ignore them, as their flags'
+        # help says (--powersgd-rank is powersgd's; its fp32 warm-up follows the lr warm-up).
+        settings = {
+            "procs_per_node": self.procs_per_node,
+            "rank": self.powersgd_rank,
+            "start_iter": max(2, self.warmup_steps or 0),
+        }
+        options = row.options_of(
+            cautious_wd=self.cautious_wd,
+            byzantine=byzantine,
+            server=server,
+            **{k: v for k, v in settings.items() if k in row.option_names},
+        )
         return BuildArgs(
             lr=self.lr,
             weight_decay=self.weight_decay,
             betas=(self.beta1, self.beta2),
-            cautious_wd=self.cautious_wd,
             seed=self.seed,
+            process_group=process_group,
             backend=self.backend,
             transport=self.transport,
-            procs_per_node=self.procs_per_node,
-            powersgd_rank=self.powersgd_rank,
-            powersgd_start=max(2, self.warmup_steps or 0),
-            **comm,
+            timeout=timeout,
+            options=options,
         )
 
     def to_argv(self) -> list[str]:
@@ -242,30 +264,3 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_int(name: str, value: object, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-def check_float(
-    name: str,
-    value: object,
-    *,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = True,
-) -> None:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high)
-    )
-    if not ok:
-        lo = f"{'(' if low_open else '['}{low:g}"
-        hi = f"{high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")

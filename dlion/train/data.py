@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dlion import wire
+from dlion.checks import check_int, check_number
 
 # Installed third-party code is not the standard library and differs between machines.
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -40,12 +41,9 @@ class CorpusConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1024:
-            raise ValueError(f"max_bytes must be an int >= 1024, got {self.max_bytes!r}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
-            raise ValueError(f"split_seed must be an int >= 0, got {self.split_seed!r}")
+        check_int("max_bytes", self.max_bytes, low=1024)
+        check_number("val_fraction", self.val_fraction, low=0, high=1, low_open=True, high_open=True)
+        check_int("split_seed", self.split_seed, low=0)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlion.checks import check_int
 from dlion.train.data import mix_seed
 
 VAL_FRACTION = 0.2
@@ -80,8 +81,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, *, width: int = 16, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be an int >= 1, got {width!r}")
+        check_int("width", width, low=1)
         c = width
         self.conv1 = nn.Conv2d(1, c, 3, padding=1)
         self.conv2 = nn.Conv2d(c, 2 * c, 3, padding=1)
@@ -92,13 +92,16 @@ class DigitsCNN(nn.Module):
             for m in (self.conv1, self.conv2, self.fc1, self.fc2):
                 m.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, 1, 8, 8) images -> (batch, 10) logits; with (batch,) labels y, the loss
+        instead, so DDP can run the loss as the module's forward (powersgd)."""
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
         h = F.max_pool2d(h, 2).flatten(1)
-        return self.fc2(F.relu(self.fc1(h)))
+        logits = self.fc2(F.relu(self.fc1(h)))
+        return logits if y is None else F.cross_entropy(logits, y)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(x), y)
+        return self(x, y)
 
     def correct(self, x: torch.Tensor, y: torch.Tensor) -> int:
         return int((self(x).argmax(1) == y).sum())

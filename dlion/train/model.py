@@ -3,6 +3,8 @@
 Pre-LayerNorm blocks of causal self-attention and a GELU MLP, learned positions, and an
 output layer tied to the byte embedding. Initialisation draws from a generator seeded
 by the run seed alone, so every rank builds the same parameters without a broadcast.
+Given targets, its forward returns the loss, so an optimizer that trains inside DDP
+(powersgd) wraps the model itself and needs to know nothing of it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+from dlion.checks import check_int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +30,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "d_model", "layers", "heads", "mlp_ratio"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), low=1)
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
 
@@ -97,20 +96,23 @@ class ByteGPT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """(batch, t) int64 bytes -> (batch, t, vocab) logits."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, t) int64 bytes -> (batch, t, vocab) logits; with (batch, t) targets, the
+        loss instead (``loss``)."""
         t = idx.shape[1]
         if t > self.cfg.context:
             raise ValueError(f"input of length {t} exceeds the model context {self.cfg.context}")
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-byte cross-entropy in nats."""
-        logits = self.forward(idx)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return self(idx, targets)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -24,7 +24,9 @@ __all__ = ["TASKS", "Task", "build_task", "evaluate"]
 class Task:
     """One rank's model, its batch sampler, and (on rank 0) the validation batches."""
 
-    model: Any  # an nn.Module with .loss(x, y) (and, for classifiers, .correct(x, y))
+    # An nn.Module whose forward(x, y) is the mean loss (DDP trains through it, as powersgd
+    # does) and forward(x) the outputs; .loss(x, y) (and, for classifiers, .correct(x, y)).
+    model: Any
     sampler: Any  # BatchSampler or DigitsSampler: .next() and .generator
     val_batches: list[tuple[torch.Tensor, torch.Tensor]]
     data: dict[str, Any]  # what the data is, for the report

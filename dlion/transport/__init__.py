@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from dlion.checks import one_of
 from dlion.transport.base import CollectiveTimeout, Comm, Pending, deadline_of
 from dlion.transport.torch_comm import TorchComm
 
@@ -23,8 +24,7 @@ def make_comm(group: Any, timeout: timedelta | None, transport: str = "torch") -
     "torch", a TorchComm over ``group`` (a process group; None: the default one), or None
     when torch.distributed is not initialised (a single process).
     """
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
+    one_of("transport", transport, TRANSPORTS)
     if isinstance(group, Comm):
         return group
     if transport == "mpi":

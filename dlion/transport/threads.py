@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from dlion.checks import check_int
 from dlion.transport.base import CollectiveTimeout, Pending
 
 T = TypeVar("T")
@@ -30,8 +31,7 @@ class ThreadGroup:
     """``world_size`` virtual ranks; ``run(fn)`` calls ``fn(rank)`` on every rank at once."""
 
     def __init__(self, world_size: int, timeout: timedelta | None = None) -> None:
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        check_int("world_size", world_size, low=1)
         self.world_size = world_size
         self.timeout = timeout
         self._barrier = threading.Barrier(world_size)

@@ -2,95 +2,107 @@
 the benchmarks ask about them.
 
 A row holds its builder, its defaults (lr and weight decay of the training job, betas of the
-library) and what it supports: backends, cautious weight decay, byzantine workers, whether
-it runs on one process only. Adding a baseline is adding a row; nothing else lists them.
+library), what it sends (so the backends that carry it, from dlion.aggregate.backends), and
+its own options class: the settings only it has (cautious weight decay, byzantine workers, a
+dedicated server, PowerSGD's rank). A builder gets the job's shared arguments (``BuildArgs``)
+and an instance of its row's options, and builds its optimizer's config from both. Adding a
+baseline is adding a row; nothing else lists them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dlion.server import ServerLink
-from dlion.transport import TorchComm
-from dlion.worker.baselines.dgc import build_dgc
-from dlion.worker.baselines.global_opt import GlobalOptimizer
+from dlion.aggregate.backends import CODES, SIGNS, SPARSE, names_for
+from dlion.checks import check_int
+from dlion.transport import Comm
+from dlion.worker.baselines.dgc import DGC, DGCConfig
+from dlion.worker.baselines.global_opt import GlobalConfig, GlobalOptimizer
 from dlion.worker.baselines.powersgd import PowerSGD, PowerSGDConfig
-from dlion.worker.baselines.terngrad import build_terngrad
-from dlion.worker.core.byzantine import Byzantine
+from dlion.worker.baselines.terngrad import TernGradConfig, build_terngrad
+from dlion.worker.core.build_args import (
+    BuildArgs,
+    ByzantineOptions,
+    CautiousOptions,
+    Options,
+    VoteOptions,
+    option_refused,
+)
 from dlion.worker.core.lion import Lion
+from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.distributed_lion import DistributedLion
 
-
-@dataclass(frozen=True, kw_only=True)
-class BuildArgs:
-    """What every builder receives besides the parameters."""
-
-    lr: float
-    weight_decay: float
-    betas: tuple[float, float]
-    cautious_wd: bool = False  # rows with ``cautious`` only
-    seed: int = 0
-    process_group: Any = None  # a torch ProcessGroup, an mpi4py communicator, or a dlion Comm
-    backend: str = "allgather"  # where a vote or a gather runs; see each row's ``backends``
-    transport: str = "torch"  # torch.distributed or mpi (mpi4py)
-    server: ServerLink | None = None  # a dedicated parameter server (rows with ``votes``)
-    byzantine: Byzantine | None = None  # attacking ranks (rows with ``byzantine``)
-    timeout: timedelta | None = None  # bound on every collective wait (None: the process group's)
-    start: str = "broadcast"  # ranks start equal: "broadcast" rank 0's parameters, or "verify"
-    procs_per_node: int | None = None  # backend "hierarchical": ranks per node (None: LOCAL_WORLD_SIZE)
-    powersgd_rank: int = 4  # rows with ``ddp``: PowerSGD's approximation rank
-    powersgd_start: int = 10  # rows with ``ddp``: steps of uncompressed all-reduce first
-
-
-Builder = Callable[[Iterable[Any], BuildArgs], torch.optim.Optimizer]
+Builder = Callable[[Iterable[Any], BuildArgs, Any], torch.optim.Optimizer]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Entry:
-    """One optimizer. ``backends`` empty: it has no aggregation to place (a dense all-reduce,
+    """One optimizer. ``payload`` None: it has no aggregation to place (a dense all-reduce,
     or one process), and any backend setting is accepted and ignored."""
 
     name: str
     summary: str
-    build: Builder
+    build: Builder  # (params, shared arguments, an instance of ``options``) -> the optimizer
     lr: float  # the training job's default, from sweeps of the default job
     weight_decay: float
     betas: tuple[float, float] = (0.9, 0.99)  # the job's default, and build_optimizer's
-    backends: tuple[str, ...] = ()  # the first is the training job's default
-    votes: bool = False  # sends sign bits to a vote: a dedicated server process can serve it
-    cautious: bool = False
-    byzantine: bool = False
+    options: type = Options  # its own settings beyond BuildArgs
+    payload: str | None = None  # what it sends to be combined: its backends are those carrying it
+    default_backend: str = "allgather"  # the training job's default, one of ``backends``
     single_process: bool = False
-    ddp: bool = False  # communicates inside DDP's backward: train through ``opt.wrap(model)``
+    ddp: bool = False  # communicates inside DDP's backward: train through ``opt.wrap(module)``
 
     @property
-    def default_backend(self) -> str:
-        """The first of ``backends`` (sharded for the votes); allgather where there is no choice."""
-        return self.backends[0] if self.backends else "allgather"
+    def backends(self) -> tuple[str, ...]:
+        return names_for(self.payload) if self.payload is not None else ()
+
+    @property
+    def option_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in fields(self.options))
+
+    @property
+    def votes(self) -> bool:
+        """Sends sign bits to a vote, so a dedicated server process can serve it."""
+        return "server" in self.option_names
+
+    @property
+    def cautious(self) -> bool:
+        return "cautious_wd" in self.option_names
+
+    @property
+    def byzantine(self) -> bool:
+        return "byzantine" in self.option_names
+
+    def options_of(self, **given: Any) -> Any:
+        """This row's options from keywords. One it does not have is refused, naming the
+        rows that have it, unless it is off (None or False)."""
+        for name, value in given.items():
+            if name in self.option_names or value is None or value is False:
+                continue
+            having = [e.name for e in CATALOGUE.values() if name in e.option_names]
+            if not having:
+                raise TypeError(f"no optimizer has an option {name!r}; got it for {self.name!r}")
+            raise option_refused(name, having, self.name)
+        return self.options(**{k: v for k, v in given.items() if k in self.option_names})
 
     def check(self, args: BuildArgs) -> None:
-        """Raise ValueError naming an option this optimizer does not have."""
+        """Raise ValueError naming a backend or an options object this optimizer does not take."""
         if self.backends and args.backend not in self.backends:
             raise ValueError(
                 f"optimizer {self.name!r} runs on backend {' or '.join(self.backends)}; got {args.backend!r}"
             )
-        if args.server is not None and not self.votes:
+        # Exactly its class: a richer one (VoteOptions for ByzantineOptions) would carry
+        # settings this row then ignores without a word.
+        if args.options is not None and type(args.options) is not self.options:
             raise ValueError(
-                f"a dedicated parameter server serves the voting optimizers ({', '.join(voting())}); "
-                f"got optimizer {self.name!r}"
+                f"optimizer {self.name!r} takes options {self.options.__name__}, "
+                f"got {type(args.options).__name__}"
             )
-        if args.cautious_wd and not self.cautious:
-            having = ", ".join(names(cautious=True))
-            raise ValueError(f"cautious weight decay is an option of {having}; got optimizer {self.name!r}")
-        if args.byzantine is not None and args.byzantine.workers > 0 and not self.byzantine:
-            having = ", ".join(names(byzantine=True))
-            raise ValueError(f"byzantine workers are an option of {having}; got optimizer {self.name!r}")
 
     def check_world_size(self, world_size: int, what: str = "a world size of") -> None:
         """Refuse more than one rank for a single-process optimizer; ``what`` names the setting."""
@@ -104,38 +116,41 @@ class Entry:
         self.check(args)
         if self.single_process and dist.is_available() and dist.is_initialized():
             self.check_world_size(dist.get_world_size(args.process_group))
-        return self.build(params, args)
+        return self.build(params, args, self.options() if args.options is None else args.options)
 
 
-def _lion(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
-    return Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, cautious_wd=a.cautious_wd)
+def _lion(params: Iterable[Any], a: BuildArgs, o: CautiousOptions) -> torch.optim.Optimizer:
+    return Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, cautious_wd=o.cautious_wd)
 
 
 def _dlion(vote: str, binarize: str = "sign") -> Builder:
-    def build(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+    def build(params: Iterable[Any], a: BuildArgs, o: VoteOptions) -> torch.optim.Optimizer:
+        config = a.config(
+            DistributedLionConfig,
+            vote=vote,
+            binarize=binarize,
+            backend=a.backend,
+            cautious_wd=o.cautious_wd,
+            byzantine=o.byzantine,
+            procs_per_node=o.procs_per_node,
+            dedicated_server=o.server is not None,
+        )
+        # The keyword form of its constructor: the server link sets dedicated_server itself.
+        keywords = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "dedicated_server"}
         return DistributedLion(
             params,
             lr=a.lr,
             betas=a.betas,
             weight_decay=a.weight_decay,
-            vote=vote,  # type: ignore[arg-type]
             process_group=a.process_group,
-            seed=a.seed,
-            backend=a.backend,  # type: ignore[arg-type]
-            transport=a.transport,  # type: ignore[arg-type]
-            server=a.server,
-            cautious_wd=a.cautious_wd,
-            byzantine=a.byzantine,
-            timeout=a.timeout,
-            start=a.start,  # type: ignore[arg-type]
-            binarize=binarize,  # type: ignore[arg-type]
-            procs_per_node=a.procs_per_node,
+            server=o.server,
+            **keywords,
         )
 
     return build
 
 
-def _signum(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+def _signum(params: Iterable[Any], a: BuildArgs, o: VoteOptions) -> torch.optim.Optimizer:
     """Signum with majority vote (Bernstein et al., ICLR 2019, Algorithm 1).
 
     Each worker keeps v <- b*v + (1-b)*g and sends sign(v); the server votes and every
@@ -144,48 +159,35 @@ def _signum(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
     same kernels, backends and ledger serve it (b = betas[0]).
     """
     b = a.betas[0]
-    return _dlion("majority")(params, replace(a, betas=(b, b)))
+    return _dlion("majority")(params, replace(a, betas=(b, b)), o)
 
 
-def _gathering(build: Callable[..., torch.optim.Optimizer]) -> Builder:
-    def make(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
-        return build(
-            params,
-            lr=a.lr,
-            weight_decay=a.weight_decay,
-            betas=a.betas,
-            process_group=a.process_group,
-            seed=a.seed,
-            backend=a.backend,
-            transport=a.transport,
-            timeout=a.timeout,
-            start=a.start,
-        )
+def _terngrad(params: Iterable[Any], a: BuildArgs, o: Options) -> torch.optim.Optimizer:
+    config, group = a.config(TernGradConfig, backend=a.backend), a.process_group
+    return build_terngrad(
+        params, lr=a.lr, weight_decay=a.weight_decay, betas=a.betas, process_group=group, config=config
+    )
 
-    return make
+
+def _dgc(params: Iterable[Any], a: BuildArgs, o: Options) -> torch.optim.Optimizer:
+    """DGC's momentum is betas[0] (betas[1] is unused); the rest are DGCConfig's defaults."""
+    config = a.config(DGCConfig, momentum=a.betas[0], backend=a.backend)
+    return DGC(params, lr=a.lr, weight_decay=a.weight_decay, process_group=a.process_group, config=config)
 
 
 def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
-    def build(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
+    def build(params: Iterable[Any], a: BuildArgs, o: ByzantineOptions) -> torch.optim.Optimizer:
         inner = make_inner(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
-        return GlobalOptimizer(
-            inner,
-            a.process_group,
-            transport=a.transport,
-            byzantine=a.byzantine,
-            seed=a.seed,
-            timeout=a.timeout,
-            start=a.start,
-        )
+        return GlobalOptimizer(inner, a.process_group, config=a.config(GlobalConfig, byzantine=o.byzantine))
 
     return build
 
 
-def _powersgd(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
-    group = a.process_group.group if isinstance(a.process_group, TorchComm) else a.process_group
-    config = PowerSGDConfig(rank=a.powersgd_rank, start_iter=a.powersgd_start)
+def _powersgd(params: Iterable[Any], a: BuildArgs, o: PowerSGDConfig) -> torch.optim.Optimizer:
+    # DDP's hook runs torch's own collectives: on a dlion Comm, the torch group underneath.
+    group = a.process_group.torch_group if isinstance(a.process_group, Comm) else a.process_group
     return PowerSGD(
-        params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, process_group=group, config=config
+        params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, process_group=group, config=o
     )
 
 
@@ -200,38 +202,39 @@ def _powersgd(params: Iterable[Any], a: BuildArgs) -> torch.optim.Optimizer:
 # 0.99 averages over ~100 steps: too slow for a few hundred.
 _VOTE_LR, _LION_LR, _LION_WD, _LION_BETAS = 1e-3, 5e-4, 0.3, (0.8, 0.9)
 _ADAMW_LR = 4e-3
-_GATHERING = ("allgather", "server")
 # The votes give the same parameters on every backend; sharded sends the fewest bits at any N.
-_VOTING = ("sharded", "allgather", "server", "hierarchical")
+_VOTE_DEFAULT = "sharded"
 
 CATALOGUE: dict[str, Entry] = {
     e.name: e
     for e in (
         Entry(name="lion", summary="Lion on one process (the reference)", build=_lion,
-              lr=_LION_LR, weight_decay=_LION_WD, betas=_LION_BETAS, cautious=True, single_process=True),
+              lr=_LION_LR, weight_decay=_LION_WD, betas=_LION_BETAS, options=CautiousOptions,
+              single_process=True),
         Entry(name="dlion-mavo", summary="Distributed Lion, majority vote", build=_dlion("majority"),
-              lr=_VOTE_LR, weight_decay=_LION_WD, betas=_LION_BETAS, backends=_VOTING, votes=True,
-              cautious=True, byzantine=True),
+              lr=_VOTE_LR, weight_decay=_LION_WD, betas=_LION_BETAS, options=VoteOptions, payload=SIGNS,
+              default_backend=_VOTE_DEFAULT),
         Entry(name="dlion-avg", summary="Distributed Lion, averaged signs", build=_dlion("average"),
-              lr=_VOTE_LR, weight_decay=_LION_WD, betas=_LION_BETAS, backends=_VOTING, votes=True,
-              cautious=True, byzantine=True),
+              lr=_VOTE_LR, weight_decay=_LION_WD, betas=_LION_BETAS, options=VoteOptions, payload=SIGNS,
+              default_backend=_VOTE_DEFAULT),
         Entry(name="dlion-sto", summary="Distributed Lion, stochastic signs averaged (unbiased)",
               build=_dlion("average", "stochastic"), lr=_VOTE_LR, weight_decay=_LION_WD, betas=_LION_BETAS,
-              backends=_VOTING, votes=True, cautious=True, byzantine=True),
+              options=VoteOptions, payload=SIGNS, default_backend=_VOTE_DEFAULT),
         Entry(name="signum-mavo", summary="Signum with majority vote (signSGD)", build=_signum,
-              lr=_LION_LR, weight_decay=_LION_WD, backends=_VOTING, votes=True, cautious=True,
-              byzantine=True),
+              lr=_LION_LR, weight_decay=_LION_WD, options=VoteOptions, payload=SIGNS,
+              default_backend=_VOTE_DEFAULT),
         Entry(name="terngrad", summary="TernGrad: 2-bit stochastic gradients, SGD with momentum",
-              build=_gathering(build_terngrad), lr=0.05, weight_decay=1e-4, backends=_GATHERING),
+              build=_terngrad, lr=0.05, weight_decay=1e-4, payload=CODES),
         Entry(name="dgc", summary="Deep Gradient Compression: top 0.1%, momentum SGD",
-              build=_gathering(build_dgc), lr=0.05, weight_decay=1e-4, backends=_GATHERING),
+              build=_dgc, lr=0.05, weight_decay=1e-4, payload=SPARSE),
         Entry(name="adamw-global", summary="AdamW on fp32 all-reduced gradients",
               build=_global(torch.optim.AdamW), lr=_ADAMW_LR, weight_decay=0.1, betas=(0.9, 0.999),
-              byzantine=True),
+              options=ByzantineOptions),
         Entry(name="powersgd", summary="AdamW after torch's DDP PowerSGD hook (rank r, error feedback)",
-              build=_powersgd, lr=_ADAMW_LR, weight_decay=0.1, betas=(0.9, 0.999), ddp=True),
+              build=_powersgd, lr=_ADAMW_LR, weight_decay=0.1, betas=(0.9, 0.999), options=PowerSGDConfig,
+              ddp=True),
         Entry(name="lion-global", summary="Lion on fp32 all-reduced gradients", build=_global(Lion),
-              lr=_LION_LR, weight_decay=_LION_WD, betas=_LION_BETAS, byzantine=True),
+              lr=_LION_LR, weight_decay=_LION_WD, betas=_LION_BETAS, options=ByzantineOptions),
     )
 }  # fmt: skip
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(CATALOGUE)
@@ -256,8 +259,7 @@ def default_workers(name: str, workers: int | None, default: int) -> int:
     """The worker count a launcher uses: the one given, else 1 for a single-process optimizer."""
     if workers is None:
         return 1 if entry(name).single_process else default
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+    check_int("--workers", workers, low=1, expected=">= 1")
     return workers
 
 
@@ -265,7 +267,15 @@ def build_optimizer(
     name: str, params: Iterable[Any], *, betas: tuple[float, float] | None = None, **kwargs: Any
 ) -> torch.optim.Optimizer:
     """The optimizer called ``name``; every one has ``.ledger``. ``kwargs`` are BuildArgs
-    fields; lr and weight_decay are required, betas and backend default to the row's."""
+    fields (lr and weight_decay required; betas and backend default to the row's) and the
+    row's own options (``byzantine=``, ``cautious_wd=``, ...), or its options object whole
+    as ``options=``."""
     e = entry(name)
+    shared = {f.name for f in fields(BuildArgs)}
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k not in shared}
+    if own:
+        if kwargs.get("options") is not None:
+            raise TypeError(f"give {name!r} its options as options= or as keywords, not both")
+        kwargs["options"] = e.options_of(**own)
     kwargs.setdefault("backend", e.default_backend)
     return e.make(params, BuildArgs(betas=e.betas if betas is None else betas, **kwargs))

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 
 from dlion.aggregate.meta import StepMeta
 from dlion.aggregate.sparse import exchange_sparse
+from dlion.checks import check_number
 from dlion.compress import dgc as codec
 from dlion.transport import Comm
 from dlion.wire import SAMPLE_STREAM, derive_key
-from dlion.worker.baselines.dgc_config import DGCConfig, check_value, is_number
+from dlion.worker.baselines.dgc_config import DGCConfig
 from dlion.worker.baselines.dgc_update import clip_factor, momentum_correction, momentum_sgd_apply, take_sent
 from dlion.worker.core.base import CommOptimizer, Grads
+from dlion.worker.core.config import config_of
 
 __all__ = [
     "DGC",
@@ -80,10 +81,8 @@ class DGC(CommOptimizer[DGCStep]):
         *,
         config: DGCConfig | None = None,
     ) -> None:
-        check_value("lr", lr, is_number(lr) and lr >= 0, "a number >= 0")
-        check_value(
-            "weight_decay", weight_decay, is_number(weight_decay) and weight_decay >= 0, "a number >= 0"
-        )
+        check_number("lr", lr, low=0)
+        check_number("weight_decay", weight_decay, low=0)
         config = config if config is not None else DGCConfig()
         super().__init__(
             params, {"lr": lr, "weight_decay": weight_decay}, config=config, process_group=process_group
@@ -183,20 +182,10 @@ def build_dgc(
     weight_decay: float,
     betas: tuple[float, float],
     process_group: Any = None,
-    seed: int = 0,
-    backend: str = "allgather",
-    transport: str = "torch",
-    timeout: timedelta | None = None,
-    start: str = "broadcast",
+    **options: Any,
 ) -> DGC:
-    """DGC for the registry: betas[0] is the SGD momentum (betas[1] is unused); weight decay
-    is L2 added to the gradient locally, as torch.optim.SGD's; the rest are DGCConfig defaults."""
-    config = DGCConfig(
-        momentum=betas[0],
-        seed=seed,
-        backend=backend,  # type: ignore[arg-type]
-        transport=transport,  # type: ignore[arg-type]
-        timeout=timeout,
-        start=start,  # type: ignore[arg-type]
-    )
+    """DGC with betas[0] as the SGD momentum (betas[1] is unused) and the other DGCConfig
+    fields as keywords (their defaults where not given); weight decay is L2 added to the
+    gradient locally, as torch.optim.SGD's."""
+    config = config_of(DGCConfig, None, options, owner="build_dgc", momentum=betas[0])
     return DGC(params, lr=lr, weight_decay=weight_decay, process_group=process_group, config=config)

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
-from dlion.aggregate.backends import SPARSE, names_for
+from dlion.aggregate.backends import SPARSE, backend_spec
+from dlion.checks import check_bool, check_int, check_number, one_of
 from dlion.compress import dgc as codec
 from dlion.worker.core.config import CommConfig
 
 DGCBackend = Literal["allgather", "server"]
 ValueDtype = Literal["float32", "float16"]
-DGC_BACKENDS: tuple[str, ...] = names_for(SPARSE)
 # The paper warms up over its first epochs (4 of 90-164 in the image runs, 2-5% of
 # training); 20 steps is 5% of the training job's default 400 steps: 5 steps at each of
 # 75%, 93.75%, 98.4375%, 99.6% sparsity.
 DEFAULT_WARMUP_STEPS = 20
-
-
-def check_value(name: str, value: object, ok: bool, want: str) -> None:
-    if isinstance(value, bool) or not ok:
-        raise ValueError(f"{name} must be {want}, got {value!r}")
-
-
-def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,16 +55,13 @@ class DGCConfig(CommConfig):
     backend: DGCBackend = "allgather"
 
     def __post_init__(self) -> None:
-        m, s, r, c = self.momentum, self.sparsity, self.sample_ratio, self.clip_norm
-        check_value("momentum", m, is_number(m) and 0 <= m < 1, "a number in [0, 1)")
-        check_value("sparsity", s, is_number(s) and 0 <= s < 1, "a number in [0, 1)")
-        check_value("sample_ratio", r, is_number(r) and 0 < r <= 1, "a number in (0, 1]")
-        check_value("clip_norm", c, c is None or (is_number(c) and c > 0), "None or a number > 0")
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("sparsity", self.sparsity, low=0, high=1, high_open=True)
+        check_number("sample_ratio", self.sample_ratio, low=0, high=1, low_open=True)
+        check_number("clip_norm", self.clip_norm, low=0, low_open=True, or_none=True)
         for name in ("warmup_steps", "warmup_stages", "min_numel"):
-            v = getattr(self, name)
-            check_value(name, v, isinstance(v, int) and v >= 0, "an int >= 0")
-        for name, allowed in (("value_dtype", tuple(codec.VALUE_DTYPES)), ("backend", DGC_BACKENDS)):
-            check_value(name, getattr(self, name), getattr(self, name) in allowed, f"one of {allowed}")
-        if not isinstance(self.momentum_masking, bool):
-            raise ValueError(f"momentum_masking must be a bool, got {self.momentum_masking!r}")
+            check_int(name, getattr(self, name), low=0)
+        one_of("value_dtype", self.value_dtype, tuple(codec.VALUE_DTYPES))
+        backend_spec(self.backend, SPARSE)
+        check_bool("momentum_masking", self.momentum_masking)
         super().__post_init__()

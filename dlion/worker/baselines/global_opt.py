@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 
 from dlion.aggregate.meta import StepMeta
+from dlion.checks import check_instance, one_of
 from dlion.ledger import CollectiveRecord, Traffic, all_reduce_traffic
 from dlion.transport import Comm
 from dlion.worker.core.base import Grads
 from dlion.worker.core.byzantine import Byzantine, attack_key, attack_of, corrupt_grad
-from dlion.worker.core.config import CommConfig, one_of
+from dlion.worker.core.config import CommConfig, config_of
 from dlion.worker.core.inner import InnerStep
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -33,6 +33,7 @@ class GlobalConfig(CommConfig):
 
     def __post_init__(self) -> None:
         one_of("wire_dtype", self.wire_dtype, tuple(WIRE_DTYPES))
+        check_instance("byzantine", self.byzantine, Byzantine, or_none=True)
         super().__post_init__()
 
 
@@ -68,26 +69,15 @@ class GlobalOptimizer(InnerStep[AllReduceStep]):
         inner: torch.optim.Optimizer,
         process_group: Any = None,
         *,
-        wire_dtype: str = "float32",
-        transport: str = "torch",
-        timeout: timedelta | None = None,
-        byzantine: Byzantine | None = None,
-        seed: int = 0,
-        nonfinite: str = "raise",
-        start: str = "broadcast",
+        config: GlobalConfig | None = None,
+        **options: Any,
     ) -> None:
-        config = GlobalConfig(
-            wire_dtype=wire_dtype,
-            transport=transport,  # type: ignore[arg-type]
-            timeout=timeout,
-            byzantine=byzantine,
-            seed=seed,
-            nonfinite=nonfinite,  # type: ignore[arg-type]
-            start=start,  # type: ignore[arg-type]
-        )
+        """``config``: how the ranks communicate (GlobalConfig); or, the keyword form, its
+        fields as keywords (``wire_dtype="bfloat16", nonfinite="skip"``), not both."""
+        config = config_of(GlobalConfig, config, options, owner="GlobalOptimizer")
         super().__init__(inner, config=config, process_group=process_group)
         self.config: GlobalConfig = config
-        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self._params_changed()
 
     def _params_changed(self) -> None:

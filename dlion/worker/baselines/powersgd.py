@@ -1,8 +1,8 @@
 """The practitioner's compressed baseline: AdamW after torch's own DDP PowerSGD hook.
 
 PowerSGD (Vogels et al., NeurIPS 2019) reaches users as a DDP communication hook, so this
-baseline is that hook, unchanged: ``wrap(model)`` puts the model in
-DistributedDataParallel with ``powerSGD_hook`` (rank-r approximation, error feedback, warm
+baseline is that hook, unchanged: ``wrap(module)`` puts a module whose forward returns the
+loss in DistributedDataParallel with ``powerSGD_hook`` (rank-r approximation, error feedback, warm
 start), and ``step()`` is AdamW's. What changes is only that every byte the hook all-reduces
 is in the ledger, the same ledger as dlion's.
 
@@ -23,7 +23,7 @@ totals, as dlion's own start broadcast); its construction-time check of shapes a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
+from dlion.checks import check_int, check_number
 from dlion.ledger import CollectiveRecord, Ledger, Traffic, all_reduce_traffic
 
 
@@ -47,29 +48,16 @@ class PowerSGDConfig:
     bucket_cap_mb: float = 25.0  # DDP's bucket size (torch's default)
 
     def __post_init__(self) -> None:
-        for name, low in (("rank", 1), ("start_iter", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"PowerSGD {name} must be an int >= {low}, got {value!r}")
-        rate = self.min_compression_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 1:
-            raise ValueError(f"PowerSGD min_compression_rate must be a number >= 1, got {rate!r}")
-
-
-class _Loss(nn.Module):
-    """The model's loss as a module's forward, so DDP runs it (and its backward)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(x, y)  # type: ignore[operator]
+        check_int("PowerSGD rank", self.rank, low=1)
+        check_int("PowerSGD start_iter", self.start_iter, low=2)
+        # inf is a rate too: no matrix is ever compressed.
+        check_number("PowerSGD min_compression_rate", self.min_compression_rate, low=1, finite=False)
+        check_number("PowerSGD bucket_cap_mb", self.bucket_cap_mb, low=0, low_open=True)
 
 
 class PowerSGD(torch.optim.Optimizer):
     """AdamW on gradients averaged by torch's DDP PowerSGD hook; see the module docstring.
-    Call ``wrap(model)`` once, before the first backward, and compute the loss through what
+    Call ``wrap(module)`` once, before the first backward, and compute the loss through what
     it returns."""
 
     def __init__(
@@ -91,8 +79,9 @@ class PowerSGD(torch.optim.Optimizer):
         self.hook_state: psgd.PowerSGDState | None = None
         self.ddp: nn.parallel.DistributedDataParallel | None = None
 
-    def wrap(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """DDP over ``model`` with the PowerSGD hook; returns ``loss(x, y)`` to train through."""
+    def wrap(self, module: nn.Module) -> nn.parallel.DistributedDataParallel:
+        """DDP over ``module``, whose forward returns the loss to differentiate, with the
+        PowerSGD hook; returns the DDP module: call it as ``module`` to train through."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "the powersgd baseline runs inside DistributedDataParallel and needs an initialised "
@@ -100,7 +89,7 @@ class PowerSGD(torch.optim.Optimizer):
             )
         n, numel = dist.get_world_size(self.group), self.ledger.n_params
         self.ddp = nn.parallel.DistributedDataParallel(
-            _Loss(model), process_group=self.group, bucket_cap_mb=self.config.bucket_cap_mb
+            module, process_group=self.group, bucket_cap_mb=self.config.bucket_cap_mb
         )
         full = Traffic(payload=32 * numel)
         sent, received = (full * (n - 1), Traffic()) if dist.get_rank(self.group) == 0 else (Traffic(), full)
@@ -160,7 +149,7 @@ class PowerSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         if self.ddp is None:
-            raise RuntimeError("PowerSGD.step() before wrap(model): the gradients were never averaged")
+            raise RuntimeError("PowerSGD.step() before wrap(module): the gradients were never averaged")
         loss = self.inner.step(closure)
         if not self.ledger.in_step:  # a backward with no bucket (no gradient anywhere)
             self.ledger.begin_step()

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from dlion.aggregate.backends import CODES, names_for
+from dlion.aggregate.backends import CODES, backend_spec
 from dlion.aggregate.codes import exchange_codes, share_scalers
 from dlion.aggregate.meta import StepMeta
+from dlion.checks import check_number
 from dlion.compress import terngrad as codec
 from dlion.transport import Comm
 from dlion.worker.core.base import Grads
-from dlion.worker.core.config import CommConfig, check_lion_hyperparameters, one_of
+from dlion.worker.core.config import CommConfig, check_lion_hyperparameters, config_of
 from dlion.worker.core.inner import InnerStep
 
 TernBackend = Literal["allgather", "server"]
-TERN_BACKENDS: tuple[str, ...] = names_for(CODES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,12 +40,10 @@ class TernGradConfig(CommConfig):
     clip_factor: float | None = codec.CLIP_FACTOR
 
     def __post_init__(self) -> None:
-        one_of("backend", self.backend, TERN_BACKENDS)
-        c = self.clip_factor
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0):
-            raise ValueError(f"clip_factor must be a number > 0 or None, got {c!r}")
-        if c is not None and not math.isfinite(c):
-            raise ValueError(f"clip_factor must be finite, got {c!r}")
+        backend_spec(self.backend, CODES)
+        # Two checks, two messages: a scale at or below 0, or one that is no scale at all (inf).
+        check_number("clip_factor", self.clip_factor, low=0, low_open=True, finite=False, or_none=True)
+        check_number("clip_factor", self.clip_factor, or_none=True, expected="finite")
         super().__post_init__()
 
 
@@ -133,13 +129,11 @@ def build_terngrad(
     weight_decay: float,
     betas: tuple[float, float],
     process_group: Any = None,
-    seed: int = 0,
-    backend: str = "allgather",
-    transport: str = "torch",
-    timeout: timedelta | None = None,
-    start: str = "broadcast",
+    config: TernGradConfig | None = None,
+    **options: Any,
 ) -> TernGrad:
-    """TernGrad over torch.optim.SGD(lr, momentum=betas[0], weight_decay), as in the paper.
+    """TernGrad over torch.optim.SGD(lr, momentum=betas[0], weight_decay), as in the paper;
+    ``config`` (TernGradConfig) whole, or its fields as keywords, not both.
 
     betas[1] is validated like every optimizer's betas and otherwise unused: SGD with
     momentum has one coefficient. Weight decay is applied by SGD to the averaged ternary
@@ -147,6 +141,6 @@ def build_terngrad(
     L2 in the loss and so ternarizes it with the data gradient.
     """
     check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
-    config = TernGradConfig(seed=seed, backend=backend, transport=transport, timeout=timeout, start=start)  # type: ignore[arg-type]
+    config = config_of(TernGradConfig, config, options, owner="build_terngrad")
     inner = torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=weight_decay)
     return TernGrad(inner, process_group, config=config)

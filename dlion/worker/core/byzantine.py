@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dlion.checks import check_int, one_of
 from dlion.compress.buckets import Slot
 from dlion.kernels import coin_bytes
 from dlion.wire import BYZANTINE_STREAM, derive_key
@@ -36,10 +37,8 @@ class Byzantine:
     attack: str = "flip"
 
     def __post_init__(self) -> None:
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"byzantine workers must be an int >= 0, got {self.workers!r}")
-        if self.attack not in ATTACKS:
-            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}; got {self.attack!r}")
+        check_int("byzantine workers", self.workers, low=0)
+        one_of("attack", self.attack, ATTACKS)
 
     def attacks(self, rank: int, world_size: int) -> bool:
         """Whether ``rank`` is an attacker; at least one rank must stay honest."""
@@ -63,15 +62,14 @@ def corrupt_signs(bits: torch.Tensor, numel: int, attack: str, key: int) -> None
     if bits.dtype != torch.uint8 or bits.numel() < nbytes:
         got = f"{bits.dtype}[{bits.numel()}]"
         raise ValueError(f"expected at least {nbytes} uint8 bytes for {numel} signs, got {got}")
+    one_of("attack", attack, ATTACKS)
     payload = bits[:nbytes]
     if attack == "flip":
         payload.bitwise_not_()
     elif attack == "random":
         payload.copy_(torch.from_numpy(coin_bytes(key, 0, nbytes)))
-    elif attack == "zero":
+    else:  # "zero"
         payload.zero_()
-    else:
-        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}; got {attack!r}")
     if numel % 8:
         payload[-1:].bitwise_and_(0xFF << (8 - numel % 8) & 0xFF)
 
@@ -95,6 +93,7 @@ def corrupt_bucket(
 
 def corrupt_grad(grad: torch.Tensor, attack: str, key: int) -> None:
     """In place on a gradient about to be all-reduced."""
+    one_of("attack", attack, ATTACKS)
     if attack == "flip":
         grad.neg_()
     elif attack == "random":
@@ -102,10 +101,8 @@ def corrupt_grad(grad: torch.Tensor, attack: str, key: int) -> None:
         gen = torch.Generator().manual_seed(key & ((1 << 63) - 1))
         noise = torch.randn(grad.shape, generator=gen, dtype=torch.float32)
         grad.copy_(noise.to(grad.device) * rms.to(grad.device))
-    elif attack == "zero":
+    else:  # "zero"
         grad.zero_()
-    else:
-        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}; got {attack!r}")
 
 
 def attack_key(seed: int, step: int, rank: int, index: int) -> int:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from dlion.aggregate.start import START_MODES
+from dlion.checks import check_int, check_number, one_of
 from dlion.transport import TRANSPORTS
+
+# one_of lives in dlion.checks; the optimizers' configs import it from here too.
+__all__ = [
+    "NONFINITE",
+    "TIES",
+    "VOTES",
+    "CommConfig",
+    "NonFinite",
+    "Start",
+    "Tie",
+    "Transport",
+    "Vote",
+    "check_lion_hyperparameters",
+    "config_of",
+    "one_of",
+]
 
 Vote = Literal["majority", "average"]
 Tie = Literal["random", "zero"]
@@ -21,28 +38,14 @@ TIES: tuple[str, ...] = ("random", "zero")
 NONFINITE: tuple[str, ...] = ("raise", "skip")
 
 
-def _finite_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def check_lion_hyperparameters(*, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
     """Raise ValueError naming the first invalid Lion hyperparameter."""
-    if _finite_number("lr", lr) < 0:
-        raise ValueError(f"lr must be >= 0, got {lr!r}")
+    check_number("lr", lr, low=0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not 0.0 <= _finite_number(f"betas[{i}]", beta) < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-    if _finite_number("weight_decay", weight_decay) < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-
-
-def one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        check_number(f"betas[{i}]", beta, low=0, high=1, high_open=True)
+    check_number("weight_decay", weight_decay, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +76,32 @@ class CommConfig:
         one_of("transport", self.transport, TRANSPORTS)
         one_of("nonfinite", self.nonfinite, NONFINITE)
         one_of("start", self.start, START_MODES)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        check_int("seed", self.seed, low=0)
         if self.timeout is not None and self.timeout.total_seconds() <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout!r}")
+
+
+C = TypeVar("C", bound=CommConfig)
+
+
+def config_of(cls: type[C], config: C | None, keywords: Mapping[str, Any], *, owner: str, **fixed: Any) -> C:
+    """An optimizer's config: given whole (``config``), or built from its fields given as
+    keywords (the constructor's keyword form), not both. ``fixed`` are fields the owner sets
+    itself (e.g. from a link it was handed), so they are no keywords of its own."""
+    if config is None:
+        names = {f.name for f in fields(cls)} - set(fixed)
+        unknown = sorted(set(keywords) - names)
+        if unknown:
+            raise TypeError(
+                f"{owner} got unknown option(s) {', '.join(unknown)}; the options are the fields of "
+                f"{cls.__name__}: {', '.join(sorted(names))}"
+            )
+        return cls(**keywords, **fixed)
+    if keywords:
+        raise TypeError(
+            f"pass {owner} either config= or its fields as keywords, not both (got config and "
+            f"{', '.join(sorted(keywords))})"
+        )
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    return replace(config, **fixed) if fixed else config

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dlion.aggregate.backends import BACKENDS, SIGNS, backend_spec
+from dlion.checks import check_bool, check_instance, check_int
 from dlion.worker.core.byzantine import Byzantine
 from dlion.worker.core.config import TIES, VOTES, CommConfig, Tie, Vote, one_of
 
@@ -79,26 +80,15 @@ class DistributedLionConfig(CommConfig):
         backend_spec(self.backend, SIGNS)
         one_of("binarize", self.binarize, BINARIZE)
         super().__post_init__()
-        if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int):
-            raise ValueError(f"bucket_numel must be an int, got {self.bucket_numel!r}")
-        if self.bucket_numel < 128:
-            raise ValueError(f"bucket_numel must be >= 128, got {self.bucket_numel!r}")
-        if not isinstance(self.cautious_wd, bool):
-            raise ValueError(f"cautious_wd must be a bool, got {self.cautious_wd!r}")
-        if self.byzantine is not None and not isinstance(self.byzantine, Byzantine):
-            raise ValueError(f"byzantine must be a dlion Byzantine or None, got {self.byzantine!r}")
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
+        check_int("bucket_numel", self.bucket_numel, low=128)
+        for name in ("force_comm", "cautious_wd", "overlap", "dedicated_server"):
+            check_bool(name, getattr(self, name))
+        check_instance("byzantine", self.byzantine, Byzantine, or_none=True)
+        check_int("procs_per_node", self.procs_per_node, low=1, or_none=True)
         if self.dedicated_server and self.backend != "server":
             raise ValueError(
                 f"server= (a dedicated parameter server) needs backend='server', not {self.backend!r}"
             )
-        if self.procs_per_node is not None and (
-            isinstance(self.procs_per_node, bool)
-            or not isinstance(self.procs_per_node, int)
-            or self.procs_per_node < 1
-        ):
-            raise ValueError(f"procs_per_node must be an int >= 1 or None, got {self.procs_per_node!r}")
         if self.backend == "hierarchical" and (self.transport != "torch" or self.byzantine is not None):
             raise ValueError(
                 "backend 'hierarchical' makes torch.distributed subgroups and has no byzantine workers; "

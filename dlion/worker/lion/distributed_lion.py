@@ -4,31 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 
 from dlion.aggregate.meta import StepMeta, changed_code, first_nonfinite_on_device, local_code
 from dlion.compress.buckets import Bucket
-from dlion.compress.sign_ops import SignOps, ops_for
 from dlion.server import Hello, ServerClient, ServerLink
 from dlion.transport import Comm
 from dlion.worker.core.base import CommOptimizer, Grads
-from dlion.worker.core.byzantine import Byzantine, attack_of
 from dlion.worker.core.checks import GradientChangedError, first_nonfinite
-from dlion.worker.core.config import NonFinite, Start, Tie, Transport, Vote, check_lion_hyperparameters
-from dlion.worker.lion.config import Backend, Binarize, DistributedLionConfig
-from dlion.worker.lion.hierarchical import Hierarchy
-from dlion.worker.lion.lion_plan import combiner, make_plan, sign_step, vote
+from dlion.worker.core.config import check_lion_hyperparameters, config_of
+from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.overlap import Launching
-from dlion.worker.lion.runners import (
-    Encoded,
-    FlatRunnerLike,
-    Voted,
-    lion_alone,
-    stage_all,
-)
+from dlion.worker.lion.plan import LionPlan, World, plan_lion
+from dlion.worker.lion.runners import Encoded, Voted, lion_alone, stage_all
 
 
 @dataclass
@@ -49,22 +39,24 @@ class DistributedLion(CommOptimizer[LionStep]):
 
     Every rank keeps its own Lion momentum. Per step, with N ranks:
 
-      1-2. Check and agree (dlion.worker.core.base): once, the start (rank 0's parameters where
-         they differ) and the fingerprint; every step, NaN/Inf scans (flat CUDA buckets: one
-         fused check) and gradients changed since a vote began in backward, in the metadata;
-         every rank raises, skips the step or goes on alike. A tensor no rank has a gradient
-         for is skipped as in torch.optim; a rank without one for a tensor others have votes 0.
-      3. Encode, per bucket: the fused sign step c = b1*m + (1-b1)*g, its sign packed to one
-         bit per parameter, m <- b2*m + (1-b2)*g (one kernel per flat CUDA bucket, else per
-         tensor: dlion.worker.lion.runners); a c of exactly 0 takes a seeded fair coin (bit 1 =
-         positive), so it adds no drift. ``binarize="stochastic"`` (dlion-sto): a seeded coin,
-         positive with probability (1 + clip(c / mean|c|, -1, 1)) / 2, so averaged signs are
-         unbiased. ``byzantine``: attacking ranks corrupt their bits, not their momentum.
+      1-2. Check and agree: the skeleton's (dlion.worker.core.base), the same for every
+         optimizer. A tensor no rank has a gradient for is skipped as in torch.optim; a rank
+         without one for a tensor others have votes 0.
+      Phases 3-6 run per bucket along the bucket's route, chosen once when the optimizer
+      plans (dlion.worker.lion.plan, routes): ``encode``, ``exchange``, ``apply``.
+      3. Encode: the fused sign step c = b1*m + (1-b1)*g, its sign packed to one bit per
+         parameter, m <- b2*m + (1-b2)*g (one kernel per flat CUDA bucket, else per tensor:
+         dlion.worker.lion.runners); a c of exactly 0 takes a seeded fair coin (bit 1 =
+         positive), so it adds no drift. The encoder (dlion.worker.lion.encoder) holds what a
+         rank sends: ``binarize="stochastic"`` (dlion-sto) a seeded coin, positive with
+         probability (1 + clip(c / mean|c|, -1, 1)) / 2, so averaged signs are unbiased;
+         ``byzantine`` attacking ranks corrupt their bits, not their momentum.
       4. Exchange, by ``backend``: "allgather" gathers every rank's bits ((N-1)/8 bytes per
          parameter each way); "sharded" runs all_to_all, a vote of this rank's shard, and an
          all_gather of the voted shards (2 (N-1)/N / 8 bytes per parameter); "server" sends
          the bits to a parameter server (rank 0, or with ``server=`` a process of its own:
-         call ``close()`` after the last step), which sends the vote back (1/8 up, B/8 down).
+         call ``close()`` after the last step), which sends the vote back (1/8 up, B/8 down);
+         "hierarchical": a node's ranks average, nodes vote (dlion.worker.lion.route_hier).
       5. Combine, where the exchange puts it, on the packed words, identical on all ranks
          and across backends: "majority" = sign of the sum (even splits by ``tie``),
          "average" = mean of the signs (counts of +1 votes, ceil(log2(N+1)) bit planes).
@@ -72,9 +64,9 @@ class DistributedLion(CommOptimizer[LionStep]):
          ``cautious_wd``, no decay where the update and p have opposite signs).
 
     With ``overlap=True`` (or under dlion.attach) phases 3-5 of a bucket start in backward as
-    its gradients arrive (dlion.worker.lion.overlap); the momentum is committed once the step goes
-    ahead, so results are the same; a gradient changed after its vote began raises on every
-    rank. ``vote_bucket`` and ``apply_bucket`` are these per-bucket phases, for outside step().
+    its gradients arrive (dlion.worker.lion.overlap); the momentum is committed once the step
+    goes ahead, so results are the same; a gradient changed after its vote began raises on every
+    rank. ``vote_bucket`` is phases 3-5 of one bucket, for outside step().
 
     At world size 1 (or without a process group; not ``force_comm``) phases 2-5 are skipped:
     the update is ``dlion.Lion``'s. ``ledger`` records every collective's bytes per step.
@@ -90,32 +82,20 @@ class DistributedLion(CommOptimizer[LionStep]):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        vote: Vote = "majority",
-        process_group: Any = None,
         *,
-        tie: Tie = "random",
-        backend: Backend = "sharded",
-        transport: Transport = "torch",
-        nonfinite: NonFinite = "raise",
-        seed: int = 0,
-        bucket_numel: int = 1 << 25,
-        force_comm: bool = False,
-        timeout: timedelta | None = None,
+        config: DistributedLionConfig | None = None,
+        process_group: Any = None,
         server: ServerLink | None = None,
-        cautious_wd: bool = False,
-        byzantine: Byzantine | None = None,
-        overlap: bool = False,
-        start: Start = "broadcast",
-        binarize: Binarize = "sign",
-        procs_per_node: int | None = None,
+        **options: Any,
     ) -> None:
+        """``config``: how the ranks communicate (DistributedLionConfig); or, the keyword form,
+        its fields as keywords (``vote="average", backend="allgather"``), not both.
+        ``server``: a dedicated parameter server's link (backend "server")."""
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
-        config = DistributedLionConfig(
-            vote=vote, tie=tie, backend=backend, transport=transport, nonfinite=nonfinite, seed=seed,
-            bucket_numel=bucket_numel, force_comm=force_comm, timeout=timeout, cautious_wd=cautious_wd,
-            byzantine=byzantine, overlap=overlap, dedicated_server=server is not None, start=start,
-            binarize=binarize, procs_per_node=procs_per_node,
-        )  # fmt: skip
+        dedicated = server is not None
+        config = config_of(
+            DistributedLionConfig, config, options, owner="DistributedLion", dedicated_server=dedicated
+        )
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.launching = Launching(self.vote_bucket)  # before the start: the fingerprint reads it
         super().__init__(params, defaults, config=config, process_group=process_group)
@@ -125,19 +105,15 @@ class DistributedLion(CommOptimizer[LionStep]):
         self._params_changed()
 
     def _params_changed(self) -> None:
-        """Plan the buckets, their wires and runners (chosen once per plan), and what starts
+        """Plan the buckets and each bucket's route (dlion.worker.lion.plan), and what starts
         them during backward, for the parameters and the world of now."""
         cfg = self.config
-        self._attack = attack_of(cfg.byzantine, self.rank, self.world_size)
-        plan = make_plan(self)
-        self._buckets, self._wires, self._runners = plan.buckets, plan.wires, plan.runners
-        self._slot_ids, self._on_device = plan.slot_ids, plan.on_device
-        self._hier = Hierarchy.of(self, cfg) if cfg.backend == "hierarchical" and self._comm else None
-        params = [[p for p, _ in self.pairs(b)] for b in self._buckets]
-        indices = [[s.index for s in b.slots] for b in self._buckets]
-        self.launching.plan(
-            params, indices, hooks=cfg.overlap, possible=cfg.launches_in_backward and self.communicates
-        )
+        world = World(self._comm, self.rank, self.world_size, self.ledger, self._server)
+        self.plan: LionPlan = plan_lion(self, self._flat, cfg, world)
+        params = [[p for p, _ in self.pairs(b)] for b in self.plan.buckets]
+        indices = [[s.index for s in b.slots] for b in self.plan.buckets]
+        possible = cfg.launches_in_backward and self.communicates and self.plan.deferrable
+        self.launching.plan(params, indices, hooks=cfg.overlap, possible=possible)
 
     @property
     def communicates(self) -> bool:
@@ -153,14 +129,6 @@ class DistributedLion(CommOptimizer[LionStep]):
     def momentum(self, p: torch.Tensor) -> torch.Tensor:
         return self._fp32_state(p, "exp_avg")
 
-    @property
-    def stochastic(self) -> bool:
-        return self.config.binarize == "stochastic"
-
-    def sign_ops(self) -> SignOps:
-        # torch.optim refuses an empty parameter list, so there is always a first tensor.
-        return ops_for(self._flat[0][0].device)
-
     # ---- the plan's hooks
 
     def _step_alone(self, grads: Grads) -> bool:
@@ -170,7 +138,7 @@ class DistributedLion(CommOptimizer[LionStep]):
         def tensors() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
             return [(p, g, self.momentum(p), group) for (p, group), g in pairs if g is not None]
 
-        bad = lion_alone(self._runners, self._per_bucket(grads), grads, tensors, self.config.cautious_wd)
+        bad = lion_alone(self.plan.runners, self._per_bucket(grads), grads, tensors, self.config.cautious_wd)
         if bad >= 0:
             self._nonfinite(0, bad)
         return True
@@ -180,19 +148,19 @@ class DistributedLion(CommOptimizer[LionStep]):
         overlap, launch what backward did not, in the same order on every rank, before the
         metadata exchange."""
         changed = self.launching.changed()  # before staging, which may move the gradients
-        ok = stage_all(self._runners, self._per_bucket(grads))
+        ok = stage_all(self.plan.runners, self._per_bucket(grads))
         bad = -1 if ok is not None and bool(ok) else first_nonfinite(grads)
         self._early = self.launching.collect()
         return local_code(bad, changed)
 
     def _agrees_on_device(self) -> bool:
         # A learning step's verdict is read on the host: it decides where later votes run.
-        return self._on_device and not self.launching.learning
+        return self.plan.on_device and not self.launching.learning
 
     def _local_on_device(self, grads: Grads) -> torch.Tensor:
         """Stage every bucket, launch what backward did not (overlap), and scan on the device."""
         changed = self.launching.changed()  # before staging, which may move the gradients
-        for runner, bucket_grads in zip(self._runners, self._per_bucket(grads), strict=True):
+        for runner, bucket_grads in zip(self.plan.runners, self._per_bucket(grads), strict=True):
             runner.bind()
             runner.stage(bucket_grads)
         self._early = self.launching.collect()
@@ -207,7 +175,7 @@ class DistributedLion(CommOptimizer[LionStep]):
     def _first_contact(self, comm: Comm) -> None:
         if self._server is not None:
             cfg = self.config
-            self._server.hello(Hello.of(comm.world_size, cfg.vote, cfg.tie, cfg.seed, self._wires))
+            self._server.hello(Hello.of(comm.world_size, cfg.vote, cfg.tie, cfg.seed, self.plan.wires))
 
     def _grads_changed(self, rank: int, index: int) -> None:
         if not self.launching.learning:
@@ -222,66 +190,49 @@ class DistributedLion(CommOptimizer[LionStep]):
             self.launching.decide(changed=False)
         if self._server is not None:
             self._server.begin_step(self.steps_taken)
-        return LionStep(grads, meta.present, self._early, len(self._buckets), meta.go)
+        return LionStep(grads, meta.present, self._early, len(self.plan.buckets), meta.go)
 
     def _encode(self, work: LionStep, k: int) -> Encoded | None:
         if work.early is not None:
             return None  # overlap ran phases 3-5 of this bucket during backward
-        if self._hier is not None:
-            return self._hier.sign_step(k, self._bucket_grads(k, work.grads), work.present)
-        if work.go is not None:  # every tensor votes; the momentum waits for the device's word
-            return sign_step(self, k, self._bucket_grads(k, work.grads), None, defer=True)
-        return sign_step(self, k, self._bucket_grads(k, work.grads), work.present, defer=False)
+        # Agreed on the device: every tensor votes, the momentum waits for the device's word.
+        present, defer = (None, True) if work.go is not None else (work.present, False)
+        return self.plan.routes[k].encode(
+            self._bucket_grads(k, work.grads), present, self.steps_taken, defer=defer
+        )
 
     def _exchange(self, comm: Comm | None, work: LionStep, k: int, packet: Encoded | None) -> Voted:
         if work.early is not None:
             return work.early[k]
-        assert comm is not None and packet is not None
-        if self._hier is not None:
-            return self._hier.vote(k, packet, combiner(self, k))
-        return vote(self, comm, k, packet, deferred=work.go is not None)
+        assert packet is not None
+        return self.plan.routes[k].exchange(packet, self.steps_taken, deferred=work.go is not None)
 
     def _apply(self, work: LionStep, k: int, voted: Voted) -> None:
-        self.apply_bucket(k, voted, work.present, go=work.go)
+        self.plan.routes[k].apply(voted, work.present, work.go)
 
     def _after_step(self) -> None:
         self._early = None
         self.launching.arm()  # the first step has checked the fingerprint
 
-    # ---- one bucket, from step() or from outside it (gradient hooks)
+    # ---- one bucket, from outside step() (gradient hooks)
 
     def vote_bucket(self, k: int, grads: Grads, *, defer: bool = True) -> Voted:
         """Phases 3-5 of bucket k, outside step() (overlap's gradient hooks): ``grads`` are
         the bucket's, in slot order (None: no gradient on this rank). With ``defer`` the new
-        momentum waits for ``apply_bucket``, which keeps it only if the step goes ahead."""
-        assert self._comm is not None
+        momentum waits for the route's ``apply``, which keeps it only if the step goes ahead."""
         if not self.ledger.in_step:
             self.ledger.begin_step()
-        self._runners[k].bind()
-        return vote(self, self._comm, k, sign_step(self, k, grads, None, defer=defer), deferred=defer)
-
-    def apply_bucket(self, k: int, voted: Voted, present: Any, go: torch.Tensor | None = None) -> None:
-        """Phase 6 of bucket k: the same update on every rank, then any deferred momentum.
-        With ``go`` (agreed on the device), ``present`` is a device bool[T] and the flat
-        runner writes only if go[0]: the host decides nothing."""
-        if go is not None:
-            on = present[self._slot_ids[k]]
-            runner = self._runners[k]
-            assert isinstance(runner, FlatRunnerLike)
-            runner.apply_gated(voted.planes, voted.table, on, self.config.cautious_wd, go)
-            if voted.deferred:
-                runner.commit_gated(on, go)
-            return
-        live = [bool(present[s.index]) for s in self._buckets[k].slots]
-        self._runners[k].apply(voted.planes, voted.table, live, self.config.cautious_wd)
-        if voted.deferred:
-            self._runners[k].commit(live)
+        route = self.plan.routes[k]
+        route.runner.bind()
+        return route.exchange(
+            route.encode(grads, None, self.steps_taken, defer=defer), self.steps_taken, deferred=defer
+        )
 
     def _bucket_grads(self, k: int, grads: Grads) -> Grads:
-        return [grads[s.index] for s in self._buckets[k].slots]
+        return [grads[s.index] for s in self.plan.buckets[k].slots]
 
     def _per_bucket(self, grads: Grads) -> list[Grads]:
-        return [self._bucket_grads(k, grads) for k in range(len(self._buckets))]
+        return [self._bucket_grads(k, grads) for k in range(len(self.plan.buckets))]
 
     def close(self) -> dict[str, Any] | None:
         """End of training, on every worker after the last step: a dedicated parameter server

@@ -1,14 +1,12 @@
-"""Bucket runners: DistributedLion's sign step and apply for one bucket, in one of two ways.
+"""Bucket runners: DistributedLion's sign step and apply for one bucket's tensors, in one of
+two ways, chosen once per bucket when the optimizer plans (dlion.worker.lion.routes):
 
-Which way is chosen once per bucket, when the optimizer is built (DistributedLion's
-``_runner``):
-
-- ``FlatRunner`` (dlion.worker.lion.flat): the bucket's parameters, momenta and gradients live in
-  flat buffers, and each phase is one CUDA kernel over the bucket. For a bucket whose
-  tensors are CUDA tensors of one dtype the kernels take.
-- ``TensorRunner``: tensor by tensor, with the sign ops of the tensors' device (Numba
-  kernels on the CPU, the numba-cuda kernels on CUDA, torch ops elsewhere: ``ops_for``).
-  Every other bucket.
+- ``FlatRunner`` (dlion.worker.lion.flat): the bucket's parameters, momenta and gradients
+  live in flat buffers, and each phase is one CUDA kernel over the bucket. For a bucket whose
+  tensors are CUDA tensors of one dtype the kernels take, signed by plain sign.
+- ``TensorRunner``: tensor by tensor, with the sign ops of the tensors' device (Numba kernels
+  on the CPU, ``CudaSignOps`` on CUDA, torch ops elsewhere: ``ops_for``) and the encoder's
+  sign step (plain or stochastic). Every other bucket.
 
 Both give the same bits. Both can defer: the sign step then leaves the new momentum aside
 until ``commit`` takes it for the tensors the step keeps (overlap and the DDP hook run the
@@ -25,12 +23,12 @@ import torch
 from torch import Tensor
 
 from dlion.compress.buckets import Bucket
-from dlion.compress.sign_ops import SignOps, stochastic_sign_step
+from dlion.compress.sign_ops import SignOps
 from dlion.worker.core.checks import all_finite_flag, first_nonfinite
 from dlion.worker.core.lion import lion_group_update
+from dlion.worker.lion.encoder import SignStep
 
-# Where a bucket may be flat. Tests add "cpu" to run FlatRunner in Numba's CUDA simulator.
-FLAT_DEVICES: tuple[str, ...] = ("cuda",)
+_flat_devices: tuple[str, ...] = ("cuda",)  # where a bucket may be flat: allow_flat_on
 FLAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -60,18 +58,14 @@ class Voted:
 
 
 class Owner(Protocol):
-    """What a runner reads of its optimizer, live: load_state_dict replaces groups and state."""
+    """What a runner reads of its optimizer's tensors, live: load_state_dict replaces the
+    param groups and the state, so a runner never keeps its own copy of either."""
 
     state: Any
 
     def pairs(self, bucket: Bucket) -> list[tuple[torch.Tensor, dict[str, Any]]]: ...
 
     def momentum(self, p: torch.Tensor) -> torch.Tensor: ...
-
-    def sign_ops(self) -> SignOps: ...
-
-    @property
-    def stochastic(self) -> bool: ...  # dlion-sto's random signs in place of sign(c)
 
 
 class Runner(Protocol):
@@ -112,8 +106,8 @@ class TensorRunner:
 
     flat = False
 
-    def __init__(self, owner: Owner, bucket: Bucket) -> None:
-        self.owner, self.bucket = owner, bucket
+    def __init__(self, owner: Owner, bucket: Bucket, ops: SignOps, sign: SignStep) -> None:
+        self.owner, self.bucket, self.ops, self.sign = owner, bucket, ops, sign
         self._pending: dict[int, torch.Tensor] = {}  # slot -> deferred momentum
 
     def bind(self) -> None:
@@ -133,7 +127,6 @@ class TensorRunner:
     ) -> list[torch.Tensor]:
         """The fused worker step of each live tensor into its bytes of ``send``; grads and
         live are the bucket's, in slot order. Returns the deferred momenta."""
-        step = stochastic_sign_step if self.owner.stochastic else self.owner.sign_ops().sign_step
         pairs = self.owner.pairs(self.bucket)
         for j, s in enumerate(self.bucket.slots):
             if not live[j]:
@@ -147,7 +140,7 @@ class TensorRunner:
                 m = self.owner.momentum(p)
             b1, b2 = group["betas"]
             bits = send[s.byte_offset : s.byte_offset + s.nbytes]
-            step(g if g is not None else torch.zeros_like(p), m, bits, b1, b2, keys[j])
+            self.sign(g if g is not None else torch.zeros_like(p), m, bits, b1, b2, keys[j])
         return list(self._pending.values())
 
     def commit(self, present: Sequence[bool]) -> None:
@@ -160,11 +153,10 @@ class TensorRunner:
     def apply(
         self, planes: torch.Tensor, table: torch.Tensor, present: Sequence[bool], cautious: bool
     ) -> None:
-        ops = self.owner.sign_ops()
         for (p, group), s, on in zip(self.owner.pairs(self.bucket), self.bucket.slots, present, strict=True):
             if on:
                 bits = planes[:, s.byte_offset : s.byte_offset + s.nbytes]
-                ops.apply(p, bits, table, group["lr"], group["weight_decay"], cautious)
+                self.ops.apply(p, bits, table, group["lr"], group["weight_decay"], cautious)
 
     def lion(self, ok: torch.Tensor, cautious: bool) -> None:
         raise RuntimeError("only a flat bucket runs Lion gated on the device")
@@ -205,11 +197,19 @@ def lion_alone(
     return bad
 
 
+def allow_flat_on(*device_types: str) -> None:
+    """A deliberate testing seam: the device types whose buckets may be flat (by default CUDA
+    only). tests/test_flat_runner.py adds "cpu" to run FlatRunner's CUDA kernels on CPU tensors
+    in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1); the library never calls it."""
+    global _flat_devices
+    _flat_devices = tuple(device_types)
+
+
 def can_be_flat(params: Sequence[torch.Tensor]) -> bool:
     """Whether a bucket of these tensors can be one flat buffer for the kernels."""
     first = params[0]
     return (
-        first.device.type in FLAT_DEVICES
+        first.device.type in _flat_devices
         and first.dtype in FLAT_DTYPES
         and all(p.device == first.device and p.dtype == first.dtype for p in params)
     )
