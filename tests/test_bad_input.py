@@ -263,3 +263,13 @@ def test_distributed_lion_takes_its_config_whole_or_as_keywords() -> None:
         dlion.DistributedLion(_one(), config=dlion.DistributedLionConfig(), vote="average")
     with pytest.raises(TypeError, match="config must be a DistributedLionConfig"):
         dlion.DistributedLion(_one(), config={"vote": "average"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dedicated_server=True needs server="):
+        dlion.DistributedLion(
+            _one(), config=dlion.DistributedLionConfig(backend="server", dedicated_server=True)
+        )
+    positional = dlion.DistributedLion(
+        _one(), 0.01, (0.9, 0.99), 0.0, "average"
+    )  # as before configs came whole
+    assert positional.config.vote == "average"
+    with pytest.raises(ValueError, match="binarize 'stochastic'"):
+        dlion.DistributedLionConfig(backend="hierarchical", binarize="stochastic")

@@ -14,7 +14,7 @@ from test_distributed_lion import BUCKET_NUMEL, GROUPS, STEPS, feed_steps, init_
 
 from dlion.aggregate.hierarchy import NodeLayout
 from dlion.compress.buckets import plan_buckets
-from dlion.worker.lion.route_hier import SHARD_STATE
+from dlion.worker.lion.route_hier import SHARD_STATE, HierarchicalRoute
 
 from multiproc import run_ok
 from sim import simulate
@@ -35,7 +35,9 @@ def _train(rank: int, world: int, per_node: int, vote: str, tie: str) -> dict[st
     order = [i for g in GROUPS for i in g.indices]
     pieces = {}
     for k, bucket in enumerate(opt.plan.buckets):
-        for piece in opt.plan.routes[k].pieces:
+        route = opt.plan.routes[k]
+        assert isinstance(route, HierarchicalRoute)
+        for piece in route.pieces:
             i = bucket.slots[piece.slot].index
             p = params[i]
             if SHARD_STATE in opt.state.get(p, {}):

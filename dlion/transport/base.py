@@ -47,12 +47,6 @@ class Comm(Protocol):
     timeout: timedelta | None
     device: torch.device  # where received buffers live (CUDA for NCCL, else the CPU)
 
-    @property
-    def torch_group(self) -> Any:
-        """The torch.distributed group underneath, or None (MPI, threads): what needs torch's
-        own collectives (agreeing on the device, DDP's and PowerSGD's hooks) reads it."""
-        ...
-
     def all_gather(self, send: torch.Tensor, what: str) -> torch.Tensor:
         """send: [L] -> [world_size, L], row r from rank r."""
         ...
@@ -80,3 +74,11 @@ class Comm(Protocol):
     def wait_all(self, pending: Sequence[Pending]) -> None:
         """Wait for all under one deadline; the error names the peer that failed first."""
         ...
+
+
+def torch_group_of(comm: Comm) -> Any:
+    """The torch.distributed group under ``comm``, or None (MPI, threads, a transport of the
+    user's own): what needs torch's own collectives (agreeing on the device, DDP's and
+    PowerSGD's hooks) reads it. A capability a transport may declare as ``torch_group``; not
+    part of the ``Comm`` protocol, so a transport written before it still is a Comm."""
+    return getattr(comm, "torch_group", None)

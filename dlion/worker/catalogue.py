@@ -21,6 +21,7 @@ import torch.distributed as dist
 from dlion.aggregate.backends import CODES, SIGNS, SPARSE, names_for
 from dlion.checks import check_int
 from dlion.transport import Comm
+from dlion.transport.base import torch_group_of
 from dlion.worker.baselines.dgc import DGC, DGCConfig
 from dlion.worker.baselines.global_opt import GlobalConfig, GlobalOptimizer
 from dlion.worker.baselines.powersgd import PowerSGD, PowerSGDConfig
@@ -135,16 +136,14 @@ def _dlion(vote: str, binarize: str = "sign") -> Builder:
             procs_per_node=o.procs_per_node,
             dedicated_server=o.server is not None,
         )
-        # The keyword form of its constructor: the server link sets dedicated_server itself.
-        keywords = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "dedicated_server"}
         return DistributedLion(
             params,
             lr=a.lr,
             betas=a.betas,
             weight_decay=a.weight_decay,
+            config=config,
             process_group=a.process_group,
             server=o.server,
-            **keywords,
         )
 
     return build
@@ -185,7 +184,14 @@ def _global(make_inner: Callable[..., torch.optim.Optimizer]) -> Builder:
 
 def _powersgd(params: Iterable[Any], a: BuildArgs, o: PowerSGDConfig) -> torch.optim.Optimizer:
     # DDP's hook runs torch's own collectives: on a dlion Comm, the torch group underneath.
-    group = a.process_group.torch_group if isinstance(a.process_group, Comm) else a.process_group
+    group = a.process_group
+    if isinstance(group, Comm):
+        group = torch_group_of(group)
+        if group is None:
+            raise ValueError(
+                f"powersgd runs torch's DDP hook: it needs a torch.distributed process group, not a "
+                f"{type(a.process_group).__name__}"
+            )
     return PowerSGD(
         params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, process_group=group, config=o
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from dlion.aggregate.backends import SPARSE, backend_spec
 from dlion.aggregate.meta import StepMeta
 from dlion.aggregate.sparse import exchange_sparse
 from dlion.checks import check_number
@@ -170,7 +171,7 @@ class DGC(CommOptimizer[DGCStep]):
                 numels,
                 ks,
                 codec.VALUE_DTYPES[self.config.value_dtype],
-                dense_in_message=self.config.backend == "server",
+                dense_in_message=backend_spec(self.config.backend, SPARSE).server,
             )
         return self._layouts[key]
 

@@ -89,10 +89,13 @@ class DistributedLionConfig(CommConfig):
             raise ValueError(
                 f"server= (a dedicated parameter server) needs backend='server', not {self.backend!r}"
             )
-        if self.backend == "hierarchical" and (self.transport != "torch" or self.byzantine is not None):
+        if self.backend == "hierarchical" and (
+            self.transport != "torch" or self.byzantine is not None or self.binarize != "sign"
+        ):
             raise ValueError(
-                "backend 'hierarchical' makes torch.distributed subgroups and has no byzantine workers; "
-                f"got transport {self.transport!r}, byzantine {self.byzantine!r}"
+                "backend 'hierarchical' makes torch.distributed subgroups, and its nodes sign their mean "
+                "gradient plainly, with no byzantine workers; got transport "
+                f"{self.transport!r}, byzantine {self.byzantine!r}, binarize {self.binarize!r}"
             )
         if self.overlap and not self.launches_in_backward:
             raise ValueError(

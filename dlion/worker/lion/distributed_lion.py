@@ -14,7 +14,7 @@ from dlion.server import Hello, ServerClient, ServerLink
 from dlion.transport import Comm
 from dlion.worker.core.base import CommOptimizer, Grads
 from dlion.worker.core.checks import GradientChangedError, first_nonfinite
-from dlion.worker.core.config import check_lion_hyperparameters, config_of
+from dlion.worker.core.config import Vote, check_lion_hyperparameters, config_of
 from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.overlap import Launching
 from dlion.worker.lion.plan import LionPlan, World, plan_lion
@@ -82,17 +82,23 @@ class DistributedLion(CommOptimizer[LionStep]):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        vote: Vote | None = None,
+        process_group: Any = None,
         *,
         config: DistributedLionConfig | None = None,
-        process_group: Any = None,
         server: ServerLink | None = None,
         **options: Any,
     ) -> None:
         """``config``: how the ranks communicate (DistributedLionConfig); or, the keyword form,
         its fields as keywords (``vote="average", backend="allgather"``), not both.
-        ``server``: a dedicated parameter server's link (backend "server")."""
+        ``server``: a dedicated parameter server's link (backend "server"; the config's
+        ``dedicated_server`` follows it)."""
         check_lion_hyperparameters(lr=lr, betas=betas, weight_decay=weight_decay)
+        if vote is not None:  # the fifth positional argument, as before configs came whole
+            options["vote"] = vote
         dedicated = server is not None
+        if getattr(config, "dedicated_server", False) and not dedicated:
+            raise ValueError("config.dedicated_server=True needs server= (the dedicated server's link)")
         config = config_of(
             DistributedLionConfig, config, options, owner="DistributedLion", dedicated_server=dedicated
         )

@@ -21,6 +21,7 @@ from dlion.compress.sign_ops import ops_for
 from dlion.ledger import Ledger
 from dlion.server import ServerClient
 from dlion.transport import Comm
+from dlion.transport.base import torch_group_of
 from dlion.worker.core.byzantine import attack_of
 from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.encoder import SignEncoder
@@ -100,7 +101,7 @@ def plan_lion(
             routes.append(DeviceRoute(*common, slot_ids=ids))
         else:  # per tensor, or a server's header or an attacker's bits: the host decides
             routes.append(HostRoute(*common))
-    torch_transport = world.comm is not None and world.comm.torch_group is not None
+    torch_transport = world.comm is not None and torch_group_of(world.comm) is not None
     on_device = torch_transport and all(r.gated for r in routes)
     return LionPlan(buckets, [r.wire for r in routes], routes, on_device)
 

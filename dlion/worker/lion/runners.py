@@ -1,5 +1,5 @@
 """Bucket runners: DistributedLion's sign step and apply for one bucket's tensors, in one of
-two ways, chosen once per bucket when the optimizer plans (dlion.worker.lion.routes):
+two ways, chosen once per bucket when the optimizer plans (dlion.worker.lion.plan):
 
 - ``FlatRunner`` (dlion.worker.lion.flat): the bucket's parameters, momenta and gradients
   live in flat buffers, and each phase is one CUDA kernel over the bucket. For a bucket whose
