@@ -90,7 +90,7 @@ def build(
     return DistributedLion(
         params,
         lr=LR,
-        vote=variant.vote,
+        vote=variant.vote,  # type: ignore[arg-type]
         backend=variant.backend,
         transport=spec.transport,
         seed=spec.seed,
