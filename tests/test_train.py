@@ -20,7 +20,7 @@ from dlion.train.args import parse_config
 from dlion.train.config import TrainConfig
 from dlion.train.data import BatchSampler, CorpusConfig, eval_batches, load_corpus
 from dlion.train.faults import FAULT_KIND_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV
-from dlion.train.loop import warmup_cosine
+from dlion.train.job import warmup_cosine
 from dlion.train.model import ByteGPT, ModelConfig
 from dlion.worker.catalogue import OPTIMIZER_NAMES, entry
 
