@@ -25,12 +25,17 @@ group for the interpreter's life (the script above, the group pinned that way: 1
 the script's last torch collective (all_gather_object, as PyTorch's documentation ends scripts)
 is exposed at exit whether or not dlion is there.
 
-dlion's own collectives never leave a tensor to Gloo's thread: the torch transport keeps its
-last works (RETAINED_WORKS), so the main thread frees them. Launch counts cannot show this: a
-script that builds an optimizer takes longer to reach finalization (torch._dynamo is loaded),
-and with the kept works removed dlion's scripts still exited 0 in 48 of 48 launches. Watching
-which thread frees each tensor can: test_gloo_frees_no_tensor_of_dlions finds none of dlion's
-freed on Gloo's thread (20 to 46 of 120 of torch's own are); without the kept works, 23 to 41.
+dlion's own collectives do not leave their tensors to Gloo's thread: the torch transport keeps
+its last works (RETAINED_WORKS), so the tensors of its last collectives live until the main
+thread frees the transport, late in finalization; a worker thread would have to stay off the
+CPU from the collective's end until then. Launch counts cannot show this: a script that builds an
+optimizer takes longer to reach finalization (torch._dynamo is loaded), and with the kept works
+removed dlion's scripts still exited 0 in 48 of 48 launches. Watching which thread frees each
+tensor can (test_dlions_last_collectives_are_freed_by_the_main_thread): without the kept works,
+Gloo's thread frees 36 to 64 of 840 to 960 of dlion's tensors per rank and the last round's go
+before the transport, every run; with them, none of the last round's. It still frees 0 to 2 of
+the earlier ones, now and then, under load: a worker thread so late that its work had left the
+16 kept. That is harmless while the interpreter runs (the GIL is there to take), and reported.
 dlion's job (``python -m dlion.train`` under every launcher) ends by os._exit once its report is
 written, so no finalization runs.
 
@@ -230,14 +235,18 @@ def check(results: dict[Condition, list[Launch]]) -> None:
             )
 
 
-ROUNDS = 120  # collectives of each kind per rank in the freeing-thread check
+ROUNDS = 120  # rounds of collectives per rank in the freeing-thread check
 
 
 def _freeing_threads(rank: int, world: int) -> dict[str, dict[str, int]]:
-    """Which thread frees the Python tensors handed to collectives: torch's own, then dlion's
-    transport (every collective dlion makes goes through it). A tensor freed on Gloo's worker
-    thread is the precondition of the exit abort: at exit, that thread would be ended there."""
+    """Which thread frees the Python tensors handed to collectives, by the kernel's thread name
+    ("main" for this one): torch's own collectives, then dlion's transport (every collective
+    dlion makes goes through it), and the tensors of its last round, first while the transport
+    lives ("kept"), then once it is gone ("last"). A tensor freed on Gloo's worker thread at
+    interpreter exit is the abort; the transport keeps its last works so that no tensor of its
+    last collectives is freed until the main thread frees the transport."""
     import threading
+    import time
     import weakref
     from collections import Counter
 
@@ -246,55 +255,64 @@ def _freeing_threads(rank: int, world: int) -> dict[str, dict[str, int]]:
     from dlion.transport.torch_comm import TorchComm
 
     main = threading.get_native_id()
-    freed: dict[str, Counter[str]] = {"torch": Counter(), "dlion": Counter()}
+    freed: dict[str, Counter[str]] = {k: Counter() for k in ("torch", "dlion", "kept", "last")}
+    who = "torch"
 
-    def freed_by(who: str) -> None:
+    def freed_by(label: str) -> None:
         me = threading.get_native_id()
-        freed[who].update(["main" if me == main else thread_name(me)])
+        freed[label].update(["main" if me == main else thread_name(me)])
 
-    def watch(who: str, *tensors: torch.Tensor) -> None:
+    def watch(*tensors: torch.Tensor) -> None:
         for t in tensors:
             weakref.finalize(t, freed_by, who)
 
     for _ in range(ROUNDS):
         t = torch.full((64,), float(rank))
-        watch("torch", t)
+        watch(t)
         dist.all_reduce(t)
         del t
     comm = TorchComm(None, timedelta(seconds=60))
     peer = 1 - rank
-    for _ in range(ROUNDS):
+    for i in range(ROUNDS + 1):
+        who = "dlion" if i < ROUNDS else "last"  # the last round: 9 works, all kept
         t, u, v = (torch.full((64 * world,), float(rank)) for _ in range(3))
-        watch("dlion", t, u, v)
+        watch(t, u, v)
         comm.all_reduce_sum(t, "sum")
         comm.broadcast(u, 0, "broadcast")
-        watch("dlion", comm.all_gather(v, "all_gather"), comm.all_to_all(v, "all_to_all"))
+        watch(comm.all_gather(v, "all_gather"), comm.all_to_all(v, "all_to_all"))
         gathered = comm.gather(t, 0, "gather")
         if gathered is not None:
-            watch("dlion", gathered)
+            watch(gathered)
         # Two each way: wait_all waits for several in threads of its own.
         sends = [comm.isend(x, peer, "send") for x in (t, u)]
         got = [torch.empty(64 * world) for _ in range(2)]
-        watch("dlion", *got)
+        watch(*got)
         comm.wait_all([*sends, *(comm.irecv(g, peer, "recv") for g in got)])
         del t, u, v, gathered, sends, got
-    del comm  # its last works go on this thread
-    return {who: dict(counts) for who, counts in freed.items()}
+    time.sleep(0.2)  # the GIL is free: whatever Gloo's threads would free, they have
+    freed["kept"] = freed["last"].copy()
+    del comm
+    return {label: dict(counts) for label, counts in freed.items()}
 
 
-def test_gloo_frees_no_tensor_of_dlions() -> None:
-    """No tensor dlion hands to a collective is freed on Gloo's worker thread (its own Python
-    threads may: they hold the GIL and end before finalization); torch's own collectives leave
-    some there, which is torch's exit race in the making (reported, not failed)."""
+def test_dlions_last_collectives_are_freed_by_the_main_thread() -> None:
+    """The tensors of dlion's last collectives outlive them until the main thread frees the
+    transport, so Gloo's worker thread cannot free them at exit, however late it runs.
+
+    Reported, not failed: how many of torch's own tensors Gloo's thread freed (torch's exit
+    race in the making), and of dlion's earlier ones (a worker thread that ran late enough to
+    find its work already dropped from the 16 kept: harmless while the interpreter runs)."""
     from multiproc import run_ranks
 
     counts = run_ranks(_freeing_threads, 2, timeout_s=120)
-    print(counts)
-    for rank, (status, freed) in enumerate(counts):
+    for status, freed in counts:
         assert status == "ok", freed
-        assert RUNLOOP not in freed["dlion"], counts
-        # Every tensor watched was freed: 7 a round, and the gathered rows on the root.
-        assert sum(freed["dlion"].values()) == ROUNDS * (8 if rank == 0 else 7), counts
+    for rank, (_, freed) in enumerate(counts):
+        print(f"rank {rank}: freed by thread {freed}")
+        watched = 8 if rank == 0 else 7  # a round's tensors; the gathered rows on the root
+        assert freed["kept"] == {}, counts
+        assert freed["last"] == {"main": watched}, counts
+        assert sum(freed["dlion"].values()) == ROUNDS * watched, counts
     if not any(RUNLOOP in freed["torch"] for _, freed in counts):
         warnings.warn(f"Gloo's worker thread freed none of torch's tensors either: {counts}", stacklevel=1)
 
