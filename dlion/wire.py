@@ -31,6 +31,7 @@ TIE_STREAM = 2  # the even-split tie coin of a majority vote (the same on every 
 TERN_STREAM = 3
 BYZANTINE_STREAM = 3
 SAMPLE_STREAM = 0xD6C  # DGC's sample offsets for the top-k threshold
+SHARD_STREAM = 0x5AD  # an FSDP shard's seed: each shard group draws coins of its own
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -6,29 +6,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopback import own_loopback
 
 
 @pytest.fixture
 def quiet_loopback() -> Iterator[list[str]]:
     """A network namespace of the test's own where it can make one (its loopback carries only
     the benchmark), else nothing: the machine's loopback."""
-    from launch.netns import namespaces_unavailable
-
-    if namespaces_unavailable() is not None:
-        yield []
-        return
-    ns = f"dlion-bddp-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        yield ["ip", "netns", "exec", ns]
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    with own_loopback("dlion-bddp") as (ns, _):
+        yield [] if ns is None else ["ip", "netns", "exec", ns]
 
 
 @pytest.mark.timeout(600)

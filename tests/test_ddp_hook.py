@@ -160,14 +160,14 @@ def _attach_plain_model(rank: int, world: int) -> str:
     import dlion
 
     model = _model()
-    with pytest.raises(ValueError, match="needs a DistributedDataParallel model") as err:
+    with pytest.raises(ValueError, match="needs a DistributedDataParallel or FSDP2") as err:
         dlion.attach(model, dlion.DistributedLion(model.parameters()))
     return str(err.value)
 
 
 def test_attach_refuses_what_it_cannot_serve() -> None:
     for message in run_ok(_attach_plain_model, 2):
-        assert "without DDP, DistributedLion needs no hook" in message
+        assert "without DDP or FSDP, DistributedLion needs no hook" in message
 
 
 def test_attach_at_world_size_one_does_nothing_and_training_goes_on() -> None:

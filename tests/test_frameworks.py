@@ -9,23 +9,17 @@ import importlib.util
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loopback import own_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "frameworks_job.py"
 FRAMEWORKS = ("hf", "lightning", "accelerate")
 MISSING = [m for m in ("transformers", "lightning", "accelerate") if importlib.util.find_spec(m) is None]
-
-
-def _netns_reason() -> str | None:
-    from launch.netns import namespaces_unavailable
-
-    return namespaces_unavailable()
 
 
 pytestmark = [
@@ -36,16 +30,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def namespace() -> Iterator[str]:
-    reason = _netns_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    ns = f"dlion-fw-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+    with own_loopback("dlion-fw") as (ns, reason):
+        if ns is None:
+            pytest.skip(str(reason))
         yield ns
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=False)
 
 
 def _run(ns: str, framework: str, out: Path) -> list[dict[str, Any]]:

@@ -311,3 +311,45 @@ def test_hierarchical_projection_sends_a_kth_of_the_bits_between_nodes() -> None
     assert "| 100 | 1024 | 128 |" in render(rows, 10_000_000, 8)
     with pytest.raises(ValueError, match="multiples of --per-node 8"):
         project_rows(10_000_000, 8, [12], [100.0])
+
+
+@pytest.mark.parametrize("n", [64, 128, 1024])
+def test_hsdp_projection_bytes_per_rank_follow_the_formulas(n: int) -> None:
+    from bench.project.hier import _sent
+    from bench.project.hsdp import hsdp_plan
+
+    d, s = 125_000_000, 8
+    r = n // s  # replicas: the nodes
+    ring = 2 * (r - 1) / r
+
+    def net(method: str, meta: bool = True) -> int:
+        return _sent([st for st in hsdp_plan(method, n, s, d) if meta or st.name != "meta"], "net")
+
+    # The replica all-reduce of the 1/S shard: fp32, and bf16 at half of it (shards rounded up
+    # per tensor and to the R chunks: under a kB).
+    assert net("hsdp-adamw-fp32") == pytest.approx(ring * 4 * d / s, rel=1e-5)
+    assert net("hsdp-adamw-bf16") == pytest.approx(ring * 2 * d / s, rel=1e-5)
+    # The sharded vote of the shard's signs, its buckets padded to 16 R bytes; and its metadata.
+    assert net("hsdp-dlion", meta=False) == pytest.approx(ring * d / s / 8, rel=1e-3)
+    assert 0 < net("hsdp-dlion") - net("hsdp-dlion", meta=False) < 1e-4 * d
+    # FSDP inside the node, the same for every HSDP plan: two fp32 all-gathers of the parameters
+    # and the fp32 reduce-scatter of the gradients, (S-1)/S of 4d each.
+    for method in ("hsdp-adamw-fp32", "hsdp-adamw-bf16", "hsdp-dlion"):
+        node = _sent(hsdp_plan(method, n, s, d), "node")
+        assert node == pytest.approx(3 * (s - 1) / s * 4 * d, rel=1e-6)
+    assert _sent(hsdp_plan("ddp-fp32", n, s, d), "node") == 0
+
+
+def test_hsdp_projection_orders_the_methods_and_writes_its_files(tmp_path: Path) -> None:
+    from bench.project.hsdp import METHODS, HsdpProjectConfig, main, project_rows
+
+    rows = project_rows(HsdpProjectConfig(params=25_000_000, workers=(64, 1024), gbits=(100.0,)))
+    for n in (64, 1024):
+        ms = {r.method: r.ring_ms for r in rows if r.n == n}
+        assert ms["hsdp-dlion"] < ms["hsdp-adamw-bf16"] < ms["hsdp-adamw-fp32"] < ms["ddp-fp32"], ms
+    assert main(["--params", "1e6", "--workers", "64,128", "--gbits", "100", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "project_hsdp.json").read_text())
+    assert {r["method"] for r in saved} == set(METHODS) and len(saved) == 2 * len(METHODS)
+    assert "| HSDP + DistributedLion (sharded vote) |" in (tmp_path / "project_hsdp.md").read_text()
+    with pytest.raises(ValueError, match="multiples of --per-node 8, 2 nodes or more"):
+        HsdpProjectConfig(workers=(8,))

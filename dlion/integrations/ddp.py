@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dlion.integrations.fsdp import FsdpAttachment, attach_fsdp, holds_fsdp
 from dlion.worker.core.state import unwrapped
 from dlion.worker.lion.distributed_lion import DistributedLion
 
@@ -111,8 +112,9 @@ def find_ddp(model: torch.nn.Module) -> DDP:
         found = next((m for m in model.modules() if isinstance(m, DDP)), None)
     if found is None:
         raise ValueError(
-            f"dlion.attach needs a DistributedDataParallel model (or a module holding one), got "
-            f"{type(model).__name__}; without DDP, DistributedLion needs no hook"
+            f"dlion.attach needs a DistributedDataParallel or FSDP2 (fully_shard) model, or a module "
+            f"holding one, got {type(model).__name__} (under FSDP, attach after fully_shard); without "
+            "DDP or FSDP, DistributedLion needs no hook"
         )
     return found
 
@@ -122,15 +124,21 @@ def unwrap_optimizer(optimizer: Any) -> DistributedLion:
     return unwrapped(optimizer, DistributedLion, "dlion.attach needs a dlion.DistributedLion optimizer")
 
 
-def attach(model: torch.nn.Module, optimizer: Any, *, vote_in_step: bool | None = None) -> Attachment:
+def attach(
+    model: torch.nn.Module, optimizer: Any, *, vote_in_step: bool | None = None
+) -> Attachment | FsdpAttachment:
     """Replace DDP's gradient all-reduce with DistributedLion's vote (see the module doc).
 
     ``model``: a DistributedDataParallel module, or one that holds one (Accelerate's and
-    Lightning's wrapped models are DDP). ``optimizer``: a DistributedLion over the model's
-    parameters, or a framework's wrapper of one. ``vote_in_step``: where votes run (module
-    doc); pass True when the loop clips or unscales gradients between backward and step().
+    Lightning's wrapped models are DDP); or an FSDP2 model (``fully_shard``, on a 1-D or a 2-D
+    (replicate, shard) mesh: dlion.integrations.fsdp, where votes run in step()).
+    ``optimizer``: a DistributedLion over the model's parameters, or a framework's wrapper of
+    one. ``vote_in_step``: where votes run (module doc); pass True when the loop clips or
+    unscales gradients between backward and step().
     Call before the first backward.
     """
+    if holds_fsdp(model):
+        return attach_fsdp(model, optimizer)  # FSDP2: the replicas vote (dlion.integrations.fsdp)
     opt = unwrap_optimizer(optimizer)
     if vote_in_step not in (None, True, False):
         raise ValueError(f"vote_in_step must be None, True or False, got {vote_in_step!r}")

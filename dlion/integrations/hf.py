@@ -38,6 +38,7 @@ from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dlion.integrations.ddp import Attachment, attach, unwrap_optimizer
+from dlion.integrations.fsdp import FsdpAttachment
 from dlion.worker.core.saved_state import gather_optimizer_state
 from dlion.worker.lion.distributed_lion import DistributedLion
 
@@ -53,7 +54,7 @@ class DistributedLionCallback(TrainerCallback):
     """Attach DistributedLion to the Trainer's DDP model for the length of ``train()``."""
 
     def __init__(self) -> None:
-        self.attachment: Attachment | None = None
+        self.attachment: Attachment | FsdpAttachment | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ddp = wrapper_of(kwargs["model"])
@@ -73,8 +74,8 @@ class DistributedLionCallback(TrainerCallback):
         state, gathered, wherever the Trainer wrote it (rank 0, or each node's first rank)."""
         opt = unwrap_optimizer(kwargs["optimizer"])
         comm = opt.comm_now()
-        if args.save_only_model or comm is None or comm.world_size == 1:
-            return  # no optimizer.pt, or rank 0's state is the only one
+        if args.save_only_model or comm is None or comm.world_size == 1 or opt.sharded:
+            return  # no optimizer.pt, rank 0's state is the only one, or FSDP's DCP saved every rank's
         gathered = gather_optimizer_state(opt, receive=bool(args.should_save))
         if gathered is None:
             return

@@ -28,18 +28,20 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dlion.integrations.ddp import Attachment, attach
+from dlion.integrations.fsdp import FsdpAttachment, holds_fsdp
 from dlion.worker.core.saved_state import gather_optimizer_state
 from dlion.worker.lion.distributed_lion import DistributedLion
 
 
 class DistributedLionCallback(pl.Callback):
     def __init__(self) -> None:
-        self.attachment: Attachment | None = None
+        self.attachment: Attachment | FsdpAttachment | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         unscale_before_clipping(trainer.precision_plugin)
         model = trainer.strategy.model
-        if not isinstance(model, DDP) or self.attachment is not None:
+        # ModelParallelStrategy shards the LightningModule in place (fully_shard): it is the model.
+        if not (isinstance(model, DDP) or holds_fsdp(model)) or self.attachment is not None:
             return  # one process, or already attached
         opt = next((o for o in trainer.optimizers if isinstance(o, DistributedLion)), None)
         if opt is None:
@@ -64,7 +66,9 @@ class DistributedLionCallback(pl.Callback):
         if states is None or trainer.world_size == 1:
             return  # weights only, or one process: rank 0's state is the only one
         for i, opt in enumerate(trainer.optimizers):
-            if isinstance(opt, DistributedLion):
+            # A sharded one's state holds every replica's momentum as DTensors: Lightning's
+            # distributed checkpoint (DCP) already saves it whole.
+            if isinstance(opt, DistributedLion) and not opt.sharded:
                 gathered = gather_optimizer_state(opt, receive=bool(trainer.is_global_zero))
                 if gathered is not None:
                     states[i] = gathered

@@ -125,14 +125,14 @@ class TorchComm:
         if self.rank == root:
             out = torch.empty((self.world_size, *send.shape), dtype=send.dtype, device=self.device)
             parts = list(out.unbind(0))
-        work = dist.gather(send, parts, dst=root, group=self.group, async_op=True)
+        work = dist.gather(send, parts, group=self.group, group_dst=root, async_op=True)
         self._wait(work, what)
         return out
 
     def broadcast(self, buf: torch.Tensor, root: int, what: str) -> torch.Tensor:
         """In place: every rank's ``buf`` ends as ``root``'s (same shape and dtype everywhere)."""
         buf = self.on_wire(buf)
-        work = dist.broadcast(buf, src=root, group=self.group, async_op=True)
+        work = dist.broadcast(buf, group=self.group, group_src=root, async_op=True)
         self._wait(work, what)
         return buf
 

@@ -25,10 +25,20 @@ from collections.abc import Sequence
 import torch
 
 
-def take_loss_scale(optimizer: torch.optim.Optimizer, grads: Sequence[torch.Tensor | None]) -> bool:
-    """Whether a GradScaler drives this step; if the gradients are still scaled, unscale them."""
+def take_loss_scale(
+    optimizer: torch.optim.Optimizer, grads: Sequence[torch.Tensor | None], *, sharded: bool = False
+) -> bool:
+    """Whether a GradScaler drives this step; if the gradients are still scaled, unscale them.
+    ``sharded``: FSDP2's parameters, refused: each rank's scaler would update its scale from its
+    own shard's overflow, and FSDP's reduce-scatter would then sum gradients scaled differently."""
     if not hasattr(optimizer, "found_inf"):
         return False
+    if sharded:
+        raise ValueError(
+            f"{type(optimizer).__name__} over FSDP-sharded parameters does not take a GradScaler: the "
+            "ranks of a shard group would scale their gradients differently before FSDP sums them; "
+            "train in bf16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16)), which needs no scaling"
+        )
     scale = getattr(optimizer, "grad_scale", None)
     if scale is not None:
         inv = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it

@@ -40,11 +40,14 @@ from dlion.aggregate.meta import (
 )
 from dlion.ledger import Ledger
 from dlion.transport import Comm, make_comm
+from dlion.worker.core import sharding as layout
 from dlion.worker.core.amp import take_loss_scale
 from dlion.worker.core.checks import GradientChangedError, dense_float_grads, first_nonfinite, raise_nonfinite
 from dlion.worker.core.config import CommConfig, NonFinite
 from dlion.worker.core.lion import run_closure
 from dlion.worker.core.saved_state import load_keeping_dtypes, own_state
+from dlion.worker.core.sharded_state import from_saved_form, to_saved_form
+from dlion.worker.core.sharding import Sharding
 from dlion.worker.core.starting import Starting, config_text, refuse_training_alone
 from dlion.worker.core.state import fp32_state, params_with_groups, tensor_names
 
@@ -66,8 +69,10 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
 
     STATE_KEY: ClassVar[str]  # where the counters travel in state_dict
     PER_RANK_STATE: ClassVar[bool] = False  # each rank's state is its own: it records the rank
+    TRAINS_SHARDS: ClassVar[bool] = False  # takes FSDP2's DTensor parameters (worker/core/sharding.py)
     _step_supports_amp_scaling = True  # GradScaler steps every rank (dlion.worker.core.amp)
     _skipped: int
+    _sharding: Sharding  # the parameters' layout (worker/core/sharding.py), set by _regroup
     _skip_flags: list[torch.Tensor]  # device flags of steps agreed on the device: skipped?
 
     def __init__(
@@ -77,7 +82,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         self.config = config
         self._regroup()
         self._group = process_group  # the comm is made again at the first step if it was not now
-        self._comm: Comm | None = make_comm(process_group, config.timeout, config.transport)
+        self._comm: Comm | None = self._make_comm()
         self.ledger = Ledger(n_params=sum(p.numel() for p, _ in self._flat))
         self.steps_taken = 0  # steps that ran, skipped ones included: keys the draws
         self.skipped_steps = 0  # counted on the host, or pending as device flags (see _settle)
@@ -95,6 +100,11 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return int(self._comm.rank) if self._comm is not None else 0
 
     @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP2's DTensors (worker/core/sharding.py)."""
+        return self._sharding.sharded
+
+    @property
     def communicates(self) -> bool:
         """Whether a step exchanges anything: a world of more than one rank."""
         return self._comm is not None and self._comm.world_size > 1
@@ -102,18 +112,24 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = run_closure(closure)
+        self.refresh_params()
         grads = dense_float_grads(type(self).__name__, [p for p, _ in self._flat], self._names)
-        self._policy = "skip" if take_loss_scale(self, grads) else self.config.nonfinite
+        grads = self._sharding.locals(grads)  # a DTensor's: its local shard, after FSDP's reduce-scatter
+        self._policy = (
+            "skip" if take_loss_scale(self, grads, sharded=self._sharding.sharded) else self.config.nonfinite
+        )
         if not self._starting.checked:
             self._resolve_comm()
         comm = self._comm if self.communicates else None
-        if comm is None and self._step_alone(grads):
+        if comm is None and (self._shards_skip(grads) or self._step_alone(grads)):
             self.steps_taken += 1
             return loss
         if comm is not None and not self.ledger.in_step:  # a gradient hook may have opened it
             self.ledger.begin_step()
         try:
             meta = self._agree(comm, grads)  # phases 1-2
+            if comm is not None:  # FSDP's shard groups agree too
+                meta = layout.agree_across_shards(self._shard_comm, meta, self.ledger, comm)
             if meta.changed_rank >= 0:
                 self._grads_changed(meta.changed_rank, meta.changed_index)  # raises, or goes on
             if meta.bad_rank >= 0:
@@ -180,12 +196,14 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     # ---- what the hooks share
 
     def _start(self, comm: Comm | None) -> None:
-        self._starting.start(comm, [p for p, _ in self._flat], self._names, self._config_text())
+        self._starting.start(comm, self._tensors(), self._names, self._config_text())
 
     def _agree(self, comm: Comm | None, grads: Grads) -> StepMeta:
         if comm is not None and not self._starting.checked:
-            params, text = [p for p, _ in self._flat], self._config_text()
-            self._starting.first_step(comm, params, self._names, text, grads)
+            params, text = self._tensors(), self._config_text()
+            # Under FSDP the guard would name DDP: DistributedLion's own warning says what to do.
+            digested = [] if self._sharding.sharded else grads
+            self._starting.first_step(comm, params, self._names, text, digested)
             self._first_contact(comm)
         present = np.array([g is not None for g in grads], dtype=bool)
         if comm is not None and self._agrees_on_device():
@@ -198,7 +216,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     def _resolve_comm(self) -> None:
         """The transport, if the process group came after the optimizer (Hugging Face's
         arguments make it), or a refusal if WORLD_SIZE says several ranks and there is none."""
-        if self.comm_now() is None:
+        if self.comm_now() is None and not self._sharding.sharded:  # a 1-D mesh: no replicas to vote across
             refuse_training_alone(type(self).__name__)
 
     def sync_buffers(self, module: torch.nn.Module) -> None:
@@ -220,6 +238,33 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
             self.ledger.n_params = sum(p.numel() for p, _ in self._flat)
             self._starting.reset()
             self._params_changed()
+
+    def refresh_params(self) -> bool:
+        """Take the param groups' tensors again if a framework replaced them after the optimizer
+        was built (Accelerate's FSDP2 ``prepare`` puts the model's DTensors in place of the
+        tensors it was built on): the layout, the transport and the plan follow, and the next
+        step starts the ranks equal again. True if they had changed. Called by every step()."""
+        now = [p for g in self.param_groups for p in g["params"]]
+        if len(now) == len(self._flat) and all(p is q for p, (q, _) in zip(now, self._flat, strict=True)):
+            return False
+        if self.state:
+            raise ValueError(
+                f"{type(self).__name__}: its param groups hold other tensors than the ones it has state "
+                "for (replaced, or appended without add_param_group): use add_param_group, or build "
+                "a new optimizer"
+            )
+        was = self._sharding
+        del self._sharding  # the new tensors may be laid out otherwise (plain -> DTensor)
+        try:
+            self._regroup()
+        except (TypeError, ValueError):
+            self._sharding = was
+            raise
+        self._comm = self._make_comm()
+        self.ledger.n_params = sum(p.numel() for p, _ in self._flat)
+        self._starting.reset()
+        self._params_changed()
+        return True
 
     def _params_changed(self) -> None:
         """The parameter list or the world changed after __init__: plan again what depends on it."""
@@ -262,33 +307,83 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return config_text(self.config, self._config_extra())
 
     def _fp32_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        return fp32_state(self.state, p, name)
+        """state[p][name], of the shape of p's local shard (p itself, unless sharded)."""
+        return fp32_state(self.state, p, name, like=self._sharding.local(p))
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """What this rank holds of each parameter, in order: the local shards of DTensors."""
+        return self._sharding.locals([p for p, _ in self._flat])
 
     def _regroup(self) -> None:
-        """Take the (parameter, group) pairs again, and how errors name each tensor (its name
-        when the param groups carry names): after __init__ and load_state_dict."""
+        """Take the (parameter, group) pairs again, how errors name each tensor (its name when
+        the param groups carry names) and how the parameters are laid out: after __init__,
+        add_param_group and load_state_dict."""
         self._flat = params_with_groups(self.param_groups)
         self._names = tensor_names(type(self).__name__, self.param_groups)
+        sharding = layout.sharding_of(type(self).__name__, [p for p, _ in self._flat], self._names)
+        if sharding.sharded and not self.TRAINS_SHARDS:
+            raise ValueError(
+                f"{type(self).__name__} does not train FSDP-sharded (DTensor) parameters: under "
+                "FSDP2 use dlion.DistributedLion (with dlion.attach), or a torch.optim optimizer"
+            )
+        if getattr(self, "_sharding", sharding) != sharding:
+            raise ValueError(
+                f"{type(self).__name__}: the new parameters are laid out {sharding.placements} on "
+                f"{sharding.mesh}, the others {self._sharding.placements} on {self._sharding.mesh}"
+            )
+        self._sharding = sharding
+        if sharding.sharded:  # the key a checkpoint's param groups carry the counters in, live too:
+            for g in self.param_groups:  # DCP's flattened form loads only the live groups' keys
+                g.setdefault(self.STATE_KEY, {})
+
+    def _shards_skip(self, grads: Grads) -> bool:
+        """Sharded on a 1-D mesh (nothing voted): whether a non-finite gradient in any shard
+        skips the step on every rank (or raises on every rank), agreed before a shard moves."""
+        if self._shard_comm is None:
+            return False
+        rank, index = layout.verdict_of_shards(self._shard_comm, grads, self.ledger)
+        if rank >= 0:
+            self._nonfinite(rank, index)
+        return rank >= 0
+
+    def _make_comm(self) -> Comm | None:
+        """The transport over the process group, or the sharded parameters' (sharding.comms_of)."""
+        cfg = self.config
+        self._shard_comm: Comm | None = None  # FSDP's shard group: the step's verdict is agreed there too
+        if not self._sharding.sharded:
+            return make_comm(self._group, cfg.timeout, cfg.transport)
+        who, sharding = type(self).__name__, self._sharding
+        comm, self._shard_comm = layout.comms_of(sharding, self._group, cfg.transport, cfg.timeout, who)
+        return comm
 
     def comm_now(self) -> Comm | None:
         """The transport, made now if the process group came after the optimizer was built."""
-        if self._comm is None:
-            self._comm = make_comm(self._group, self.config.timeout, self.config.transport)
+        if self._comm is None and not self._sharding.sharded:
+            self._comm = self._make_comm()
             if self._comm is not None:
                 self._params_changed()
         return self._comm
 
     def state_dict(self) -> dict[str, Any]:
+        self.refresh_params()  # a framework may have swapped the tensors since the last step
         self.comm_now()  # the rank and world size it records are the group's
         sd = super().state_dict()
-        sd[self.STATE_KEY] = {name: int(getattr(self, name)) for name in COUNTERS}
+        counters = {name: int(getattr(self, name)) for name in COUNTERS}
+        if self._sharding.sharded:  # for DCP, which keeps only "state" and "param_groups"
+            params = [p for p, _ in self._flat]
+            return to_saved_form(sd, self._sharding, params, self.STATE_KEY, counters)
+        sd[self.STATE_KEY] = counters
         if self.PER_RANK_STATE:  # load_state_dict refuses another rank's (saved_state.own_state)
             sd[self.STATE_KEY] |= {"world_size": self.world_size, "rank": self.rank}
         return sd
 
     def _restore_counters(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """This rank's own state (dlion.worker.core.saved_state), its counters set (if saved); the rest."""
-        state_dict = dict(own_state(state_dict, self.STATE_KEY, self.comm_now(), type(self).__name__))
+        if self._sharding.sharded:
+            params, who = [p for p, _ in self._flat], type(self).__name__
+            state_dict = from_saved_form(state_dict, self._sharding, params, self.STATE_KEY, who)
+        else:
+            state_dict = dict(own_state(state_dict, self.STATE_KEY, self.comm_now(), type(self).__name__))
         saved = state_dict.pop(self.STATE_KEY, None)
         if saved is not None:
             for name in COUNTERS:
@@ -296,5 +391,6 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.refresh_params()
         load_keeping_dtypes(super().load_state_dict, self, self._restore_counters(state_dict))
         self._regroup()

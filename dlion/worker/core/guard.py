@@ -22,13 +22,14 @@ class AveragedGradientsWarning(UserWarning):
 
 
 def gradient_digest(grads: Sequence[torch.Tensor | None]) -> int:
-    """A CRC of the first SAMPLE elements of every gradient (0 when there is none): equal on
-    every rank only if the gradients are."""
+    """A CRC of the first SAMPLE elements of every gradient: equal on every rank only if the
+    gradients are. 0 (nothing to compare) when there is none, or all are zero: DCP's setup
+    step (torch.distributed.checkpoint.state_dict) feeds every rank zero gradients."""
     crc, seen = 0, False
     for g in grads:
         if g is not None:
-            seen = True
             head = g.detach().reshape(-1)[:SAMPLE].cpu().contiguous()
+            seen = seen or bool(head.any())
             crc = zlib.crc32(head.view(torch.uint8).numpy().tobytes(), crc)
     return crc + 1 if seen else 0
 

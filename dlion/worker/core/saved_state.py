@@ -47,6 +47,7 @@ class Saves(Protocol):
     """What these helpers need of an optimizer: every dlion.worker.core.base.CommOptimizer."""
 
     ledger: Ledger
+    sharded: bool
 
     def comm_now(self) -> Comm | None: ...
 
@@ -127,8 +128,17 @@ def _placed(param: torch.Tensor, key: Any, value: Any, param_id: int, groups: li
 
 
 def dlion_optimizer(optimizer: Any) -> Saves:
-    """The dlion optimizer, inside a framework's wrapper (Accelerate's, Lightning's) if need be."""
-    return unwrapped(optimizer, Saves, "expected a dlion optimizer (or a framework's wrapper of one)")
+    """The dlion optimizer, inside a framework's wrapper (Accelerate's, Lightning's) if need be;
+    refused over FSDP-sharded parameters, whose ranks number their files and entries within one
+    replicate group: there, torch.distributed.checkpoint saves every replica's state."""
+    opt = unwrapped(optimizer, Saves, "expected a dlion optimizer (or a framework's wrapper of one)")
+    if opt.sharded:
+        raise ValueError(
+            f"{type(opt).__name__} over FSDP-sharded parameters saves through torch.distributed.checkpoint "
+            "(get_optimizer_state_dict / set_optimizer_state_dict: every replica's momentum, resharded on "
+            "load), not dlion's per-rank files or gathered state (docs/fsdp.md)"
+        )
+    return opt
 
 
 def gather_optimizer_state(optimizer: Any, *, receive: bool | None = None) -> dict[str, Any] | None:

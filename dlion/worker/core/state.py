@@ -36,13 +36,15 @@ def tensor_names(owner: str, param_groups: Sequence[dict[str, Any]]) -> list[str
     return names
 
 
-def fp32_state(state: Any, p: torch.Tensor, name: str) -> torch.Tensor:
-    """state[p][name], made as zeros at first use; float32 and contiguous whatever the
-    parameter (torch's load_state_dict casts state to the parameter dtype)."""
+def fp32_state(state: Any, p: torch.Tensor, name: str, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """state[p][name], made as zeros of ``like``'s shape (p's unless given: a DTensor's local
+    shard) at first use; float32 and contiguous whatever the parameter (torch's
+    load_state_dict casts state to the parameter dtype)."""
     st = state[p]
     buf = st.get(name)
     if buf is None:
-        buf = st[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        like = p if like is None else like
+        buf = st[name] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
     elif buf.dtype != torch.float32 or not buf.is_contiguous():
         buf = st[name] = buf.to(torch.float32).contiguous()
     return buf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,17 @@ from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.overlap import Launching
 from dlion.worker.lion.plan import LionPlan, World, plan_lion
 from dlion.worker.lion.runners import Encoded, Voted, lion_alone, stage_all
+
+NO_REPLICAS = (
+    "DistributedLion: no replicas to vote across (the parameters are sharded on a 1-D mesh): each "
+    "shard takes plain Lion on FSDP's mean gradient and dlion sends nothing; pass a 2-D "
+    "(replicate, shard) mesh to fully_shard to compress between nodes"
+)
+NOT_ATTACHED = (
+    "DistributedLion over FSDP-sharded parameters without dlion.attach(model, optimizer): FSDP "
+    "all-reduces every gradient across the replicas before the vote, so the vote saves no bytes "
+    "(the result is still the same on every rank); attach after building the optimizer"
+)
 
 
 @dataclass
@@ -75,6 +87,8 @@ class DistributedLion(CommOptimizer[LionStep]):
     STATE_KEY = "dlion"
     _changed_here = -1  # on the device path, this rank's first gradient changed since backward
     PER_RANK_STATE = True  # each rank's momentum is its own
+    TRAINS_SHARDS = True  # FSDP2's DTensors: each shard voted across its replicas (module doc)
+    sharded_attached = False  # dlion.attach silenced FSDP's all-reduce across replicas
 
     def __init__(
         self,
@@ -108,14 +122,17 @@ class DistributedLion(CommOptimizer[LionStep]):
         self.config: DistributedLionConfig = config
         self._server = ServerClient(server, self.ledger) if server is not None else None
         self._early: list[Voted] | None = None  # what overlap voted during this step's backward
+        self._key_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(local shard) -> (param, it)
         self._params_changed()
+        if self._sharding.sharded and self._sharding.replicas == 1:
+            warnings.warn(NO_REPLICAS, stacklevel=2)
 
     def _params_changed(self) -> None:
         """Plan the buckets and each bucket's route (dlion.worker.lion.plan), and what starts
         them during backward, for the parameters and the world of now."""
         cfg = self.config
-        world = World(self._comm, self.rank, self.world_size, self.ledger, self._server)
-        self.plan: LionPlan = plan_lion(self, self._flat, cfg, world)
+        world = World(self._comm, self.rank, self.world_size, self.ledger, self._server, self._sharding)
+        self.plan: LionPlan = plan_lion(self, self._local_pairs(), cfg, world)
         params = [[p for p, _ in self.pairs(b)] for b in self.plan.buckets]
         indices = [[s.index for s in b.slots] for b in self.plan.buckets]
         possible = cfg.launches_in_backward and self.communicates and self.plan.deferrable
@@ -130,19 +147,36 @@ class DistributedLion(CommOptimizer[LionStep]):
     # ---- what the runners read (dlion.worker.lion.runners.Owner)
 
     def pairs(self, bucket: Bucket) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-        return [self._flat[s.index] for s in bucket.slots]
+        if not self._sharding.sharded:
+            return [self._flat[s.index] for s in bucket.slots]
+        out = []
+        for s in bucket.slots:  # the local shards, new views each time: momentum() finds their key
+            p, group = self._flat[s.index]
+            local = self._sharding.local(p)
+            self._key_of[id(local)] = (p, local)
+            out.append((local, group))
+        return out
 
     def momentum(self, p: torch.Tensor) -> torch.Tensor:
-        return self._fp32_state(p, "exp_avg")
+        key = self._key_of.get(id(p))
+        return self._fp32_state(p if key is None else key[0], "exp_avg")
+
+    def _local_pairs(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        return [(self._sharding.local(p), group) for p, group in self._flat]
 
     # ---- the plan's hooks
 
     def _step_alone(self, grads: Grads) -> bool:
         """A world of one: plain Lion, the update of dlion.Lion, nothing sent."""
         pairs = zip(self._flat, grads, strict=True)
+        local = self._sharding.local
 
         def tensors() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]]:
-            return [(p, g, self.momentum(p), group) for (p, group), g in pairs if g is not None]
+            return [
+                (local(p), g, self._fp32_state(p, "exp_avg"), group)
+                for (p, group), g in pairs
+                if g is not None
+            ]
 
         bad = lion_alone(self.plan.runners, self._per_bucket(grads), grads, tensors, self.config.cautious_wd)
         if bad >= 0:
@@ -179,6 +213,8 @@ class DistributedLion(CommOptimizer[LionStep]):
         return {"ddp_hook": self.launching.from_ddp, "vote_in_step": self.launching.vote_in_step}
 
     def _first_contact(self, comm: Comm) -> None:
+        if self._sharding.sharded and not self.sharded_attached:
+            warnings.warn(NOT_ATTACHED, stacklevel=4)
         if self._server is not None:
             cfg = self.config
             self._server.hello(Hello.of(comm.world_size, cfg.vote, cfg.tie, cfg.seed, self.plan.wires))
@@ -194,6 +230,7 @@ class DistributedLion(CommOptimizer[LionStep]):
             raise GradientChangedError(self.rank, self._names[changed], self.steps_taken)
         if self.launching.learning:
             self.launching.decide(changed=False)
+        self._key_of.clear()  # last step's views of the local shards
         if self._server is not None:
             self._server.begin_step(self.steps_taken)
         return LionStep(grads, meta.present, self._early, len(self.plan.buckets), meta.go)

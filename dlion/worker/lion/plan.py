@@ -23,6 +23,7 @@ from dlion.server import ServerClient
 from dlion.transport import Comm
 from dlion.transport.base import torch_group_of
 from dlion.worker.core.byzantine import attack_of
+from dlion.worker.core.sharding import REPLICATED, Sharding
 from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.encoder import SignEncoder
 from dlion.worker.lion.route_hier import HierarchicalRoute, Nodes
@@ -56,6 +57,7 @@ class World:
     world_size: int
     ledger: Ledger
     server: ServerClient | None = None  # a dedicated parameter server
+    sharding: Sharding = REPLICATED  # FSDP2's local shards: each keeps its storage, no flat buffers
 
 
 def plan_lion(
@@ -65,22 +67,25 @@ def plan_lion(
     world: World,
 ) -> LionPlan:
     """The buckets of these (parameter, group) pairs, and a route each."""
+    _check_sharded(cfg, world)
     align = align_bytes(cfg.backend, world.world_size)
     buckets = plan_buckets([p.numel() for p, _ in pairs], cfg.bucket_numel, align)
     device = pairs[0][0].device
     ops = ops_for(device)
+    seed = world.sharding.seed_of(cfg.seed)
     encoder = SignEncoder(
-        cfg.seed,
+        seed,
         world.rank,
         cfg.binarize == "stochastic",
         attack_of(cfg.byzantine, world.rank, world.world_size),
     )
-    voting = Voting(cfg.vote, cfg.tie, cfg.seed, ops)
+    voting = Voting(cfg.vote, cfg.tie, seed, ops)
     nodes = None
     if cfg.backend == "hierarchical" and world.comm is not None:
         nodes = Nodes.of(world.comm, cfg.procs_per_node, cfg.timeout)
     way = _exchange(cfg, world) if nodes is None else None  # the nodes' route has its own
-    per_tensor = encoder.stochastic or cfg.backend == "hierarchical"  # the flat kernels sign plainly
+    # The flat kernels sign plainly, and would move a shard out of FSDP's storage.
+    per_tensor = encoder.stochastic or cfg.backend == "hierarchical" or world.sharding.sharded
     routes: list[HostRoute] = []
     for k, bucket in enumerate(buckets):
         wire = BucketWire.of(f"bucket{k}", bucket)
@@ -113,3 +118,22 @@ def _exchange(cfg: DistributedLionConfig, world: World) -> Exchange | None:
         return ServerExchange(world.server, world.comm.world_size)
     topology = sign_topology(cfg.backend)
     return PeerExchange(topology, world.comm, world.ledger, deferrable=cfg.launches_in_backward)
+
+
+def _check_sharded(cfg: DistributedLionConfig, world: World) -> None:
+    """FSDP2's shards are voted across their replicas in step(), over the mesh's replicate
+    dimension (dlion.worker.core.sharding): what needs whole tensors or another group is refused."""
+    if not world.sharding.sharded:
+        return
+    refused = {
+        "backend='hierarchical'": cfg.backend == "hierarchical",  # FSDP's reduce-scatter is the node's mean
+        "a dedicated server (server=)": world.server is not None,
+        "overlap=True": cfg.overlap,
+    }
+    named = [k for k, bad in refused.items() if bad]
+    if named:
+        raise ValueError(
+            f"DistributedLion over FSDP-sharded parameters does not take {named[0]}: FSDP's reduce-scatter "
+            "already averages inside the shard group, and each shard votes across its replicas in step() "
+            "with backend 'sharded', 'allgather' or 'server' (on the first replica)"
+        )
