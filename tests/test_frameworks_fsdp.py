@@ -185,6 +185,7 @@ def test_lightning_callback_attaches_under_model_parallel(lightning: dict[str, l
 # ---- Accelerate's FSDP2 plugin (CPU promoted: a test-only device)
 
 
+@pytest.mark.slow  # Accelerate on CPU only through a test-only override; Lightning covers FSDP2 in CI
 def test_accelerate_fsdp2_trains_with_dlion(accelerate: list[dict[str, Any]]) -> None:
     check_trained(accelerate, drop=1.0)
     for r in accelerate:
@@ -204,6 +205,7 @@ def test_accelerate_fsdp2_trains_with_dlion(accelerate: list[dict[str, Any]]) ->
     )
 
 
+@pytest.mark.slow  # Accelerate on CPU only through a test-only override; Lightning covers FSDP2 in CI
 def test_accelerate_fsdp2_groups_counted_once_and_restored(accelerate: list[dict[str, Any]]) -> None:
     fsdp = fsdp_bytes(accelerate[0]["groups"])
     counted = fsdp["all_gather"] + fsdp["reduce_scatter"]

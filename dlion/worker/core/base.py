@@ -39,7 +39,7 @@ from dlion.aggregate.meta import (
     exchange_step_meta_on_device,
 )
 from dlion.ledger import Ledger
-from dlion.transport import Comm, make_comm
+from dlion.transport import Comm
 from dlion.worker.core import sharding as layout
 from dlion.worker.core.amp import take_loss_scale
 from dlion.worker.core.checks import GradientChangedError, dense_float_grads, first_nonfinite, raise_nonfinite
@@ -201,8 +201,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     def _agree(self, comm: Comm | None, grads: Grads) -> StepMeta:
         if comm is not None and not self._starting.checked:
             params, text = self._tensors(), self._config_text()
-            # Under FSDP the guard would name DDP: DistributedLion's own warning says what to do.
-            digested = [] if self._sharding.sharded else grads
+            digested = self._sharding.digestible(grads)
             self._starting.first_step(comm, params, self._names, text, digested)
             self._first_contact(comm)
         present = np.array([g is not None for g in grads], dtype=bool)
@@ -216,7 +215,7 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
     def _resolve_comm(self) -> None:
         """The transport, if the process group came after the optimizer (Hugging Face's
         arguments make it), or a refusal if WORLD_SIZE says several ranks and there is none."""
-        if self.comm_now() is None and not self._sharding.sharded:  # a 1-D mesh: no replicas to vote across
+        if self.comm_now() is None and self._sharding.group_may_come_later:
             refuse_training_alone(type(self).__name__)
 
     def sync_buffers(self, module: torch.nn.Module) -> None:
@@ -347,18 +346,15 @@ class CommOptimizer(torch.optim.Optimizer, Generic[W]):
         return rank >= 0
 
     def _make_comm(self) -> Comm | None:
-        """The transport over the process group, or the sharded parameters' (sharding.comms_of)."""
-        cfg = self.config
-        self._shard_comm: Comm | None = None  # FSDP's shard group: the step's verdict is agreed there too
-        if not self._sharding.sharded:
-            return make_comm(self._group, cfg.timeout, cfg.transport)
-        who, sharding = type(self).__name__, self._sharding
-        comm, self._shard_comm = layout.comms_of(sharding, self._group, cfg.transport, cfg.timeout, who)
+        """The transport the ranks vote over, and FSDP's shard group's (sharding.comms_of)."""
+        cfg, who = self.config, type(self).__name__
+        comm, shards = layout.comms_of(self._sharding, self._group, cfg.transport, cfg.timeout, who)
+        self._shard_comm: Comm | None = shards  # where FSDP's shard groups agree on the step
         return comm
 
     def comm_now(self) -> Comm | None:
         """The transport, made now if the process group came after the optimizer was built."""
-        if self._comm is None and not self._sharding.sharded:
+        if self._comm is None and self._sharding.group_may_come_later:
             self._comm = self._make_comm()
             if self._comm is not None:
                 self._params_changed()

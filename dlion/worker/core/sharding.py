@@ -63,6 +63,18 @@ class Sharding:
     def shards(self) -> int:
         return 1 if self.shard_dim is None else int(self.mesh.size(self.shard_dim))
 
+    @property
+    def group_may_come_later(self) -> bool:
+        """Whether the process group may be made after the optimizer (Hugging Face's arguments
+        make it): for plain tensors; a DTensor's mesh exists with its groups."""
+        return not self.sharded
+
+    def digestible(self, grads: Sequence[torch.Tensor | None]) -> Sequence[torch.Tensor | None]:
+        """The gradients the averaged-gradient guard may compare (dlion.worker.core.guard): none
+        under FSDP, where the guard would name DDP and DistributedLion's own warning says what
+        to do (NOT_ATTACHED)."""
+        return [] if self.sharded else grads
+
     def seed_of(self, seed: int) -> int:
         """The seed of this rank's coins: a shard's positions are local, so each shard group
         keys its own (the replicas of one shard share it, as the vote needs)."""
@@ -201,9 +213,12 @@ def verdict_of_shards(comm: Comm, grads: Sequence[torch.Tensor | None], ledger: 
 def comms_of(
     sharding: Sharding, group: Any, transport: str, timeout: timedelta | None, owner: str
 ) -> tuple[Comm | None, Comm | None]:
-    """The transports of an optimizer over sharded parameters: across the mesh's replicate
-    dimension (the voters; None on a 1-D mesh: nothing to vote), and across its shard group
-    (where the step's verdict is agreed too; None for one shard)."""
+    """An optimizer's transports: over its process group (``group``; None: the default one, or
+    none yet) for plain tensors; for sharded ones, across the mesh's replicate dimension (the
+    voters; None on a 1-D mesh: nothing to vote), and across its shard group (where the step's
+    verdict is agreed too; None for one shard)."""
+    if not sharding.sharded:
+        return make_comm(group, timeout, transport), None
     if group is not None or transport != "torch":
         raise ValueError(
             f"{owner} over FSDP-sharded parameters votes across the mesh's replicate dimension: pass "
