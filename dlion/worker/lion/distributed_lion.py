@@ -122,7 +122,6 @@ class DistributedLion(CommOptimizer[LionStep]):
         self.config: DistributedLionConfig = config
         self._server = ServerClient(server, self.ledger) if server is not None else None
         self._early: list[Voted] | None = None  # what overlap voted during this step's backward
-        self._key_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(local shard) -> (param, it)
         self._params_changed()
         if self._sharding.sharded and self._sharding.replicas == 1:
             warnings.warn(NO_REPLICAS, stacklevel=2)
@@ -147,19 +146,17 @@ class DistributedLion(CommOptimizer[LionStep]):
     # ---- what the runners read (dlion.worker.lion.runners.Owner)
 
     def pairs(self, bucket: Bucket) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-        if not self._sharding.sharded:
-            return [self._flat[s.index] for s in bucket.slots]
-        out = []
-        for s in bucket.slots:  # the local shards, new views each time: momentum() finds their key
-            p, group = self._flat[s.index]
-            local = self._sharding.local(p)
-            self._key_of[id(local)] = (p, local)
-            out.append((local, group))
-        return out
+        """Each slot's tensor (a DTensor's local shard) and param group."""
+        local = self._sharding.local
+        return [(local(p), group) for p, group in (self._flat[s.index] for s in bucket.slots)]
 
-    def momentum(self, p: torch.Tensor) -> torch.Tensor:
-        key = self._key_of.get(id(p))
-        return self._fp32_state(p if key is None else key[0], "exp_avg")
+    def momentum(self, index: int) -> torch.Tensor:
+        """Tensor ``index``'s momentum, of its local shard's shape: keyed by the parameter itself,
+        so state_dict and DCP find it."""
+        return self._fp32_state(self._flat[index][0], "exp_avg")
+
+    def has_momentum(self, index: int) -> bool:
+        return "exp_avg" in self.state.get(self._flat[index][0], {})
 
     def _local_pairs(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         return [(self._sharding.local(p), group) for p, group in self._flat]
@@ -230,7 +227,6 @@ class DistributedLion(CommOptimizer[LionStep]):
             raise GradientChangedError(self.rank, self._names[changed], self.steps_taken)
         if self.launching.learning:
             self.launching.decide(changed=False)
-        self._key_of.clear()  # last step's views of the local shards
         if self._server is not None:
             self._server.begin_step(self.steps_taken)
         return LionStep(grads, meta.present, self._early, len(self.plan.buckets), meta.go)

@@ -65,7 +65,9 @@ class Owner(Protocol):
 
     def pairs(self, bucket: Bucket) -> list[tuple[torch.Tensor, dict[str, Any]]]: ...
 
-    def momentum(self, p: torch.Tensor) -> torch.Tensor: ...
+    def momentum(self, index: int) -> torch.Tensor: ...  # tensor ``index``'s, made at first use
+
+    def has_momentum(self, index: int) -> bool: ...
 
 
 class Runner(Protocol):
@@ -133,21 +135,20 @@ class TensorRunner:
                 continue
             (p, group), g = pairs[j], grads[j]
             if defer:  # a copy, and no state yet for a tensor the step may skip
-                has = "exp_avg" in self.owner.state.get(p, {})
-                m = self.owner.momentum(p).clone() if has else torch.zeros(p.shape, device=p.device)
+                has = self.owner.has_momentum(s.index)
+                m = self.owner.momentum(s.index).clone() if has else torch.zeros(p.shape, device=p.device)
                 self._pending[j] = m
             else:
-                m = self.owner.momentum(p)
+                m = self.owner.momentum(s.index)
             b1, b2 = group["betas"]
             bits = send[s.byte_offset : s.byte_offset + s.nbytes]
             self.sign(g if g is not None else torch.zeros_like(p), m, bits, b1, b2, keys[j])
         return list(self._pending.values())
 
     def commit(self, present: Sequence[bool]) -> None:
-        pairs = self.owner.pairs(self.bucket)
         for j, m in self._pending.items():
             if present[j]:
-                self.owner.momentum(pairs[j][0]).copy_(m)
+                self.owner.momentum(self.bucket.slots[j].index).copy_(m)
         self._pending = {}
 
     def apply(
