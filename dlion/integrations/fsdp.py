@@ -107,6 +107,7 @@ class FsdpAttachment:
 
     def __init__(self, model: torch.nn.Module, optimizer: DistributedLion) -> None:
         self.model, self.optimizer = model, optimizer
+        self._modules = [m for m in model.modules() if isinstance(m, FSDPModule)]  # found once
         self._saved: list[tuple[Any, dict[str, tuple[Any, Any]]]] = []  # group, {name: (before, installed)}
         self._hooks: list[Any] = []
 
@@ -120,9 +121,7 @@ class FsdpAttachment:
 
     def _attach(self) -> None:
         ledger = self.optimizer.ledger
-        for module in self.model.modules():
-            if not isinstance(module, FSDPModule):
-                continue
+        for module in self._modules:
             for g in _param_groups(module):
                 if any(g is seen for seen, _ in self._saved):
                     continue  # one group held by several modules (fully_shard([norm, lm_head]))
@@ -152,9 +151,8 @@ class FsdpAttachment:
         """Before the step writes the shards: FSDP2 keeps a root group unsharded after forward,
         so a forward since the last backward (an evaluation) would otherwise serve the next
         forward the weights from before this step."""
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        for module in self._modules:
+            module.reshard()
 
     def detach(self) -> None:
         for g, values in self._saved:
