@@ -18,35 +18,24 @@ DistributedLion's param groups and attach through the AcceleratedOptimizer wrapp
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loopback import own_loopback
+from loopback import FRAMEWORK_MARKS, namespace_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "frameworks_fsdp_job.py"
 WORLD, REPLICAS, SHARDS = 4, 2, 2
 STEPS, FIRST = 8, 3  # wire averaged over steps FIRST..STEPS (step 1 carries dlion's handshake)
-MISSING = [m for m in ("transformers", "lightning", "accelerate") if importlib.util.find_spec(m) is None]
 
-pytestmark = [
-    pytest.mark.skipif(bool(MISSING), reason=f"needs the integrations extra ({', '.join(MISSING)} missing)"),
-    pytest.mark.timeout(600),
-]
+pytestmark = FRAMEWORK_MARKS
 
 
-@pytest.fixture(scope="module")
-def namespace() -> Iterator[str]:
-    with own_loopback("dlion-fsdp") as (ns, reason):
-        if ns is None:
-            pytest.skip(str(reason))
-        yield ns
+namespace = namespace_fixture("dlion-fsdp")
 
 
 def _run(ns: str, mode: str, out: Path) -> list[dict[str, Any]]:
