@@ -27,6 +27,7 @@ from typing import Any
 
 from bench.common.flags import check_ints, check_names, ints, names
 from bench.common.jobs import Job, backend_flags, run_jobs, train_argv
+from bench.common.plots import bits_axis, save
 from dlion import report
 from dlion.train.config import TASKS
 from dlion.worker import catalogue
@@ -174,7 +175,6 @@ def paper_figure(points: list[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     tasks = sorted({p["task"] for p in points})
     names = sorted({p["optimizer"] for p in points})
@@ -195,17 +195,13 @@ def paper_figure(points: list[dict[str, Any]], path: Path) -> Path:
             )
             ax.annotate(f"{p['optimizer']} w{p['workers']}", (bits, mean), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")  # fmt: skip
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("bits per parameter per iteration (up + down, per worker)")
-        ax.set_ylabel("final validation loss (seed mean, min-max bars)")
-        ax.set_title(f"{task}: loss vs communication")
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        bits_axis(
+            ax,
+            xlabel="bits per parameter per iteration (up + down, per worker)",
+            ylabel="final validation loss (seed mean, min-max bars)",
+            title=f"{task}: loss vs communication",
+        )
+    return save(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

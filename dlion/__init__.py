@@ -12,6 +12,9 @@ from dlion.worker.core.lion import Lion, lion_update
 from dlion.worker.core.saved_state import gather_optimizer_state, load_optimizer_state, save_optimizer_state
 from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.distributed_lion import DistributedLion
+from dlion.worker.local.build import diloco, local_lion
+from dlion.worker.local.config import LocalStepsConfig
+from dlion.worker.local.optimizer import LocalSteps
 
 __version__ = VERSION
 
@@ -23,6 +26,8 @@ __all__ = [
     "GlobalOptimizer",
     "GradientChangedError",
     "Lion",
+    "LocalSteps",
+    "LocalStepsConfig",
     "NonFiniteGradientError",
     "ParameterServer",
     "TernGrad",
@@ -31,9 +36,11 @@ __all__ = [
     "__version__",
     "attach",
     "build_optimizer",
+    "diloco",
     "gather_optimizer_state",
     "lion_update",
     "load_optimizer_state",
+    "local_lion",
     "save_optimizer_state",
     "split_server",
 ]

@@ -103,6 +103,21 @@ class Ledger:
         self._open = []
 
     @property
+    def last_step_silent(self) -> bool:
+        """Whether a last step was recorded, closed, and sent nothing (``reopen_step`` may open it)."""
+        return self._open is None and len(self._step_bits) >= 2 and not any(self._step_bits[-2:])
+
+    def reopen_step(self) -> None:
+        """Open the last step again, to add records to it: a step that sent nothing (a local
+        step), whose round is then ended by a call after it (LocalSteps.sync)."""
+        if not self.last_step_silent:
+            raise RuntimeError("Ledger.reopen_step needs a closed last step that sent nothing")
+        del self._step_bits[-2:]
+        if self.steps:
+            self.steps.pop()
+        self._open = []
+
+    @property
     def in_step(self) -> bool:
         return self._open is not None
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,16 @@ def lo_tx_bytes() -> int:
     raise RuntimeError("no lo in /proc/net/dev")
 
 
-def run_hf(probe: Probe, out: Path) -> tuple[Any, Any]:
+def local_steps(params: Any) -> Any:
+    """dlion-local for the *-local jobs: 16 steps are 3 rounds of 5 and a partial one."""
+    import dlion
+
+    return dlion.build_optimizer(
+        "dlion-local", params, lr=3e-3, weight_decay=0.1, local_steps=5, outer_lr=2.5
+    )
+
+
+def run_hf(probe: Probe, out: Path, *, local: bool = False) -> tuple[Any, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from dlion.integrations.hf import DistributedLionCallback, create_optimizer
@@ -88,12 +98,14 @@ def run_hf(probe: Probe, out: Path) -> tuple[Any, Any]:
     )  # fmt: skip
     net = model()
     trainer = Trainer(net, args, train_dataset=Windows(), callbacks=[DistributedLionCallback(), Steps()])
-    trainer.optimizer = create_optimizer(trainer, backend="sharded")
+    trainer.optimizer = (
+        local_steps(net.parameters()) if local else create_optimizer(trainer, backend="sharded")
+    )
     trainer.train()
     return net, trainer.optimizer
 
 
-def lightning_module(probe: Probe | None) -> Any:
+def lightning_module(probe: Probe | None, *, local: bool = False) -> Any:
     """The tiny GPT-2 as a LightningModule trained by DistributedLion (steps reported to ``probe``)."""
     import lightning.pytorch as pl
 
@@ -112,17 +124,19 @@ def lightning_module(probe: Probe | None) -> Any:
                 probe.step_done(self.trainer.global_step, float(outputs["loss"]))
 
         def configure_optimizers(self) -> Any:
+            if local:
+                return local_steps(self.parameters())
             return dlion.DistributedLion(self.parameters(), lr=3e-3, weight_decay=0.1, backend="sharded")
 
     return Tiny()
 
 
-def run_lightning(probe: Probe, out: Path) -> tuple[Any, Any]:
+def run_lightning(probe: Probe, out: Path, *, local: bool = False) -> tuple[Any, Any]:
     import lightning.pytorch as pl
 
     from dlion.integrations.lightning import DistributedLionCallback
 
-    tiny = lightning_module(probe)
+    tiny = lightning_module(probe, local=local)
     loader = torch.utils.data.DataLoader(Windows(), batch_size=BATCH, shuffle=True)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, callbacks=[DistributedLionCallback()],
@@ -291,7 +305,13 @@ def main() -> None:
     if framework in ("accelerate", "ddp-fp32"):
         dist.init_process_group("gloo")  # Accelerate takes the group torchrun's variables describe
     probe = Probe()
-    runs = {"hf": run_hf, "lightning": run_lightning, "accelerate": run_accelerate}
+    runs = {
+        "hf": run_hf,
+        "lightning": run_lightning,
+        "accelerate": run_accelerate,
+        "hf-local": partial(run_hf, local=True),
+        "lightning-local": partial(run_lightning, local=True),
+    }
     if framework == "ddp-fp32":
         net, opt = run_accelerate(probe, out, dlion_hook=False)
     else:

@@ -39,15 +39,19 @@ def simulate(
     attack: str | None = None,
     attackers: int = 0,
     binarize: str = "sign",
+    moms: list[list[np.ndarray]] | None = None,
+    first_step: int = 0,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     """Returns the final parameters and each rank's momenta; the last ``attackers`` ranks
-    send ``attack``'s signs instead of their own (their momenta stay honest)."""
+    send ``attack``'s signs instead of their own (their momenta stay honest). ``moms`` (kept
+    and updated in place) and ``first_step`` continue an earlier run."""
     n = len(grads[0])
     params = [p.astype(np.float32).copy() for p in params]
-    moms = [[np.zeros(p.size, np.float32) for p in params] for _ in range(n)]
+    if moms is None:
+        moms = [[np.zeros(p.size, np.float32) for p in params] for _ in range(n)]
     group_of = {i: g for g in groups for i in g.indices}
     buckets = plan_buckets([p.size for p in params], bucket_numel)
-    for step, step_grads in enumerate(grads):
+    for step, step_grads in enumerate(grads, start=first_step):
         present = [any(step_grads[r][i] is not None for r in range(n)) for i in range(len(params))]
         for k, bucket in enumerate(buckets):
             bits = np.zeros((n, 8 * bucket.nbytes), np.int64)

@@ -62,3 +62,18 @@ def test_frameworks_train_with_dlion_bits_on_the_wire(namespace: str, tmp_path: 
         assert fp32_wire / wire > 28, (fw, fp32_wire, wire)
     shown = [f"{fw}: {w:,.0f} B/step, ledger {led:,.0f}, {r:.1f}x fewer" for fw, (w, led, r) in rows.items()]
     print(f"\nfp32 DDP: {fp32_wire:,.0f} B/step; " + "; ".join(shown))
+
+
+def test_frameworks_train_with_local_steps(namespace: str, tmp_path: Path) -> None:
+    """dlion-local (H = 5) through the Hugging Face and Lightning callbacks: the ranks meet only
+    at the rounds' ends, the partial last round ends with training, and no rank ends with a
+    model of its own."""
+    from frameworks_job import STEPS
+
+    for fw in ("hf-local", "lightning-local"):
+        ranks = _run(namespace, fw, tmp_path / fw)
+        assert ranks[0]["params"] == ranks[1]["params"], fw
+        losses = ranks[0]["losses"]
+        assert len(losses) == STEPS and losses[-1] < losses[0] - 1.0, (fw, losses)
+        sent = [s for s, _ in ranks[0]["step_bytes"]]
+        assert [s > 0 for s in sent] == [(k + 1) % 5 == 0 or k == STEPS - 1 for k in range(STEPS)], (fw, sent)

@@ -36,7 +36,7 @@ FLOORS: list[set[str]] = [
 
 # Rooms inside worker/, bottom first: the shared skeleton, then the Lion engine and the
 # baselines side by side (neither imports the other), then the catalogue that builds them all.
-WORKER_ROOMS: list[set[str]] = [{"core"}, {"lion", "baselines"}, {"catalogue", "__init__"}]
+WORKER_ROOMS: list[set[str]] = [{"core"}, {"lion", "baselines"}, {"local"}, {"catalogue", "__init__"}]
 
 
 def _modules() -> dict[str, Path]:

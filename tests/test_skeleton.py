@@ -9,6 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from dlion.worker.catalogue import build_optimizer, entry, names
 from dlion.worker.core.base import CommOptimizer
+from dlion.worker.local.optimizer import LocalSteps
 
 from multiproc import run_ok
 
@@ -30,7 +31,7 @@ def test_a_scheduler_drives_every_optimizer_itself(name: str) -> None:
     model = _model()
     opt = build_optimizer(name, model.parameters(), lr=0.1, weight_decay=0.0)
     assert isinstance(opt, torch.optim.Optimizer)
-    assert isinstance(opt, CommOptimizer) or entry(name).single_process
+    assert isinstance(opt, (CommOptimizer, LocalSteps)) or entry(name).single_process
     sched = LambdaLR(opt, lambda s: 0.0 if s == 0 else 1.0)  # lr 0 for the first step only
     before = [p.detach().clone() for p in model.parameters()]
     _step(model, opt)

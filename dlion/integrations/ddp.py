@@ -32,12 +32,17 @@ in step(), else in backward. Either way the result equals plain DistributedLion'
 same loop, bit for bit. DDP's own start broadcast is trusted: the optimizer checks the ranks'
 parameters by CRC and sends nothing when they are equal.
 
+A local-steps optimizer (dlion-local, diloco: dlion.worker.local) takes the same hook, which
+then only silences DDP: each rank's inner steps train on its own gradient, and the round's
+outer step runs in step() at its end, as without DDP, bit for bit.
+
 At world size 1 (or without a process group) there is nothing to replace: ``attach`` returns
 a handle that does nothing, as the framework callbacks do, and training goes on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +54,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dlion.integrations.fsdp import FsdpAttachment, attach_fsdp, holds_fsdp
 from dlion.worker.core.state import unwrapped
 from dlion.worker.lion.distributed_lion import DistributedLion
+from dlion.worker.local.optimizer import LocalSteps
 
 
 @dataclass
 class HookState:
-    """What the hook holds."""
+    """What the hook holds: what to tell the optimizer of a bucket's final parameters
+    (DistributedLion starts their votes; a local-steps optimizer needs nothing)."""
 
-    optimizer: DistributedLion
+    ready: Callable[[list[torch.Tensor]], None]
     process_group: dist.ProcessGroup | None  # DDP's, for its default all-reduce after detach
     attached: bool = True
 
@@ -67,7 +74,7 @@ def dlion_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Futur
     """The DDP communication hook: no all-reduce; the bucket's parameters are final."""
     if not state.attached:
         return allreduce_hook(state.process_group, bucket)  # type: ignore[arg-type]
-    state.optimizer.launching.ready(bucket.parameters())
+    state.ready(bucket.parameters())
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(bucket.buffer())
     return done
@@ -85,7 +92,9 @@ class Attachment:
     """The handle ``attach`` returns: ``detach()`` restores DDP's all-reduce. At world size 1
     it holds no DDP module and does nothing."""
 
-    def __init__(self, ddp: DDP | None, optimizer: DistributedLion, state: HookState | None) -> None:
+    def __init__(
+        self, ddp: DDP | None, optimizer: DistributedLion | LocalSteps, state: HookState | None
+    ) -> None:
         self.ddp, self.optimizer, self.state = ddp, optimizer, state
 
     @property
@@ -94,13 +103,17 @@ class Attachment:
 
     @property
     def vote_in_step(self) -> bool | None:
-        """Whether votes run in step() (None: the first step has not decided yet)."""
+        """Whether votes run in step() (None: the first step has not decided yet). A local-steps
+        optimizer's always do, at a round's end."""
+        if isinstance(self.optimizer, LocalSteps):
+            return True if self.attached else None
         return self.optimizer.launching.vote_in_step if self.attached else None
 
     def detach(self) -> None:
         if self.state is not None:
             self.state.detach()
-            self.optimizer.launching.stop()
+            if isinstance(self.optimizer, DistributedLion):
+                self.optimizer.launching.stop()
 
 
 def find_ddp(model: torch.nn.Module) -> DDP:
@@ -119,9 +132,23 @@ def find_ddp(model: torch.nn.Module) -> DDP:
     return found
 
 
-def unwrap_optimizer(optimizer: Any) -> DistributedLion:
-    """The DistributedLion inside a framework's wrapper (Accelerate's, Lightning's)."""
-    return unwrapped(optimizer, DistributedLion, "dlion.attach needs a dlion.DistributedLion optimizer")
+def unwrap_optimizer(optimizer: Any) -> DistributedLion | LocalSteps:
+    """The DistributedLion (or local-steps optimizer) inside a framework's wrapper (Accelerate's,
+    Lightning's)."""
+    needs = "dlion.attach needs a dlion.DistributedLion optimizer, or a local-steps one (dlion-local, diloco)"
+    found: DistributedLion | LocalSteps = unwrapped(optimizer, (DistributedLion, LocalSteps), needs)
+    return found
+
+
+def end_rounds(optimizer: Any) -> None:
+    """A local-steps optimizer (inside a framework's wrapper or not) ends its partial round, so
+    every rank holds the same model at the end of training; any other optimizer: nothing. A
+    collective for a local-steps optimizer: every rank calls it."""
+    try:
+        opt = unwrapped(optimizer, LocalSteps, "")
+    except ValueError:
+        return
+    opt.sync()
 
 
 def attach(
@@ -160,7 +187,10 @@ def attach(
             f"the optimizer's group has {opt.world_size} ranks, DDP's has {dist.get_world_size(group)}: "
             "build DistributedLion over the same process group as DDP"
         )
-    state = HookState(opt, group)
-    opt.launching.attach_ddp(on_stop=state.detach, vote_in_step=vote_in_step)
+    if isinstance(opt, LocalSteps):  # each rank keeps its own gradient; rounds end in step()
+        state = HookState(lambda params: None, group)
+    else:
+        state = HookState(opt.launching.ready, group)
+        opt.launching.attach_ddp(on_stop=state.detach, vote_in_step=vote_in_step)
     ddp.register_comm_hook(state, dlion_hook)
     return Attachment(ddp, opt, state)

@@ -37,7 +37,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dlion.integrations.ddp import Attachment, attach, unwrap_optimizer
+from dlion.integrations.ddp import Attachment, attach, end_rounds, unwrap_optimizer
 from dlion.integrations.fsdp import FsdpAttachment
 from dlion.worker.core.saved_state import gather_optimizer_state
 from dlion.worker.lion.distributed_lion import DistributedLion
@@ -64,7 +64,14 @@ class DistributedLionCallback(TrainerCallback):
             changes = bool(args.max_grad_norm and args.max_grad_norm > 0) or bool(args.fp16)
             self.attachment = attach(ddp, kwargs["optimizer"], vote_in_step=True if changes else None)
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Local steps: a partial last round ends with the last step, on every rank, before the
+        # Trainer loads its best model (load_best_model_at_end) or saves the final one.
+        if state.max_steps and state.global_step >= state.max_steps:
+            end_rounds(kwargs.get("optimizer"))
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        end_rounds(kwargs.get("optimizer"))  # stopped early: the open round ends here (else a no-op)
         if self.attachment is not None:
             self.attachment.detach()
             self.attachment = None

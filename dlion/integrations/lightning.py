@@ -27,10 +27,11 @@ from lightning.pytorch.plugins.precision.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dlion.integrations.ddp import Attachment, attach
+from dlion.integrations.ddp import Attachment, attach, end_rounds
 from dlion.integrations.fsdp import FsdpAttachment, holds_fsdp
 from dlion.worker.core.saved_state import gather_optimizer_state
 from dlion.worker.lion.distributed_lion import DistributedLion
+from dlion.worker.local.optimizer import LocalSteps
 
 
 class DistributedLionCallback(pl.Callback):
@@ -43,10 +44,11 @@ class DistributedLionCallback(pl.Callback):
         # ModelParallelStrategy shards the LightningModule in place (fully_shard): it is the model.
         if not (isinstance(model, DDP) or holds_fsdp(model)) or self.attachment is not None:
             return  # one process, or already attached
-        opt = next((o for o in trainer.optimizers if isinstance(o, DistributedLion)), None)
+        opt = next((o for o in trainer.optimizers if isinstance(o, (DistributedLion, LocalSteps))), None)
         if opt is None:
             raise ValueError(
-                "DistributedLionCallback needs configure_optimizers to return a dlion.DistributedLion"
+                "DistributedLionCallback needs configure_optimizers to return a dlion.DistributedLion "
+                "or a local-steps optimizer (dlion-local, diloco)"
             )
         # Lightning clips (gradient_clip_val) and unscales (16-mixed's GradScaler) between
         # backward and step: the vote waits for them, in step().
@@ -55,6 +57,8 @@ class DistributedLionCallback(pl.Callback):
         self.attachment = attach(model, opt, vote_in_step=True if changes else None)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        for opt in trainer.optimizers:
+            end_rounds(opt)  # local steps: a partial last round ends on every rank
         if self.attachment is not None:
             self.attachment.detach()
             self.attachment = None
@@ -68,7 +72,7 @@ class DistributedLionCallback(pl.Callback):
         for i, opt in enumerate(trainer.optimizers):
             # A sharded one's state holds every replica's momentum as DTensors: Lightning's
             # distributed checkpoint (DCP) already saves it whole.
-            if isinstance(opt, DistributedLion) and not opt.sharded:
+            if isinstance(opt, (DistributedLion, LocalSteps)) and not opt.sharded:
                 gathered = gather_optimizer_state(opt, receive=bool(trainer.is_global_zero))
                 if gathered is not None:
                     states[i] = gathered

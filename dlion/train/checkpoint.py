@@ -28,7 +28,10 @@ from dlion.train.report import RunRecord, dlion_version
 FORMAT = 1
 MODEL_FILE = "model.pt"
 # The settings a checkpoint's state depends on: resuming under others is refused.
-MUST_MATCH = ("task", "optimizer", "backend", "server", "seed", "d_model", "layers", "heads", "context")
+MUST_MATCH = (
+    "task", "optimizer", "backend", "server", "seed", "d_model", "layers", "heads", "context", "sampling",
+    "local_steps", "outer_lr", "outer_momentum", "error_feedback", "outer_bits",
+)  # fmt: skip
 
 
 def rank_file(rank: int) -> str:
@@ -144,7 +147,8 @@ def load_parts(folder: Path, parts: TrainParts, *, rank: int, world_size: int) -
         )
     saved = state["config"]
     now = {k: parts.rec.config[k] for k in MUST_MATCH}
-    differ = {k: (saved.get(k), now[k]) for k in MUST_MATCH if saved.get(k) != now[k]}
+    # A setting newer than the checkpoint had its default then: the value it holds now.
+    differ = {k: (saved.get(k), now[k]) for k in MUST_MATCH if saved.get(k, now[k]) != now[k]}
     if differ:
         detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
         raise CheckpointError(f"checkpoint {folder} is from another job ({detail})")

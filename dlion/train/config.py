@@ -15,6 +15,7 @@ from typing import Any
 
 from dlion.aggregate.backends import BACKENDS
 from dlion.checks import check_bool, check_int, check_number, one_of
+from dlion.compress.quant import check_bits
 from dlion.server import ServerLink
 from dlion.transport import TRANSPORTS
 from dlion.worker.catalogue import OPTIMIZER_NAMES, entry
@@ -25,6 +26,7 @@ from dlion.worker.core.byzantine import ATTACKS, Byzantine
 check_float = check_number
 
 TASKS: tuple[str, ...] = ("bytes", "digits")
+SAMPLINGS: tuple[str, ...] = ("random", "stream")
 SERVER_PLACEMENTS: tuple[str, ...] = ("rank0", "dedicated")
 
 
@@ -49,9 +51,20 @@ class ModelSection:
     """attention heads (must divide d-model)"""
     data_bytes: int = 4_000_000
     """corpus size cap in bytes"""
+    sampling: str = field(default="random", metadata=_choices(SAMPLINGS))
+    """bytes: how each rank draws its training windows. random: at random offsets, with
+    replacement; stream: non-overlapping windows in a seeded order per epoch, each rank its
+    own, so no byte is trained on twice before every byte has been (the report's corpus
+    says how many epochs a run walked)"""
 
     def _check_model(self) -> None:
         one_of("task", self.task, TASKS)
+        one_of("sampling", self.sampling, SAMPLINGS)
+        if self.sampling == "stream" and self.task != "bytes":
+            raise ValueError(
+                f"sampling='stream' walks the byte corpus in windows; task {self.task!r} takes "
+                "sampling='random'"
+            )
         for name in ("context", "d_model", "layers", "heads"):
             check_int(name, getattr(self, name), low=1)
         check_int("data_bytes", self.data_bytes, low=1024)
@@ -79,6 +92,20 @@ class OptimizerSection:
     powersgd_rank: int = 4
     """powersgd: the rank of its gradient approximation (its uncompressed all-reduce runs for
     max(2, warmup-steps) steps first)"""
+    local_steps: int = 16
+    """dlion-local, dlion-local-avg, diloco: inner steps per round; the ranks meet at every H-th
+    step"""
+    outer_lr: float | None = None
+    """dlion-local: the outer sign step as a multiple of the current inner lr (default: local-steps
+    / 2); diloco: the outer Nesterov SGD's lr (default 0.7)"""
+    outer_momentum: float | None = None
+    """dlion-local: beta1 of each rank's outer sign momentum on its pseudo-gradients (default 0:
+    none); diloco: the outer Nesterov momentum (default 0.9)"""
+    error_feedback: bool = False
+    """dlion-local: each rank adds what its sign did not carry to its next pseudo-gradient"""
+    outer_bits: int | None = field(default=None, metadata={"choices": (8, 4)})
+    """diloco: send the pseudo-gradient quantized to 8 or 4 bits, an fp32 scale per 1024 values,
+    in a reduce-scatter and all-gather (default: the fp32 ring all-reduce)"""
     warmup_steps: int | None = None
     """linear warmup before the cosine decay (default: steps // 10)"""
     min_lr_ratio: float = 0.1
@@ -101,6 +128,11 @@ class OptimizerSection:
         check_bool("cautious_wd", self.cautious_wd)
         check_number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_int("powersgd_rank", self.powersgd_rank, low=1)
+        check_int("local_steps", self.local_steps, low=1)
+        check_number("outer_lr", self.outer_lr, low=0, low_open=True, or_none=True)
+        check_number("outer_momentum", self.outer_momentum, low=0, high=1, high_open=True, or_none=True)
+        check_bool("error_feedback", self.error_feedback)
+        check_bits("outer_bits", self.outer_bits)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,15 +262,22 @@ class TrainConfig(RunSection, CommSection, OptimizerSection, ModelSection):
         row = entry(self.optimizer)
         # Settings reach the rows that have them and the others ignore them, as their flags'
         # help says (--powersgd-rank is powersgd's; its fp32 warm-up follows the lr warm-up).
-        settings = {
+        settings: dict[str, Any] = {
             "procs_per_node": self.procs_per_node,
             "rank": self.powersgd_rank,
             "start_iter": max(2, self.warmup_steps or 0),
+            "local_steps": self.local_steps,
         }
+        # The outer step's settings are refused by the rows without one, when given.
+        outer = {"outer_momentum": self.outer_momentum} if self.outer_momentum is not None else {}
         options = row.options_of(
             cautious_wd=self.cautious_wd,
             byzantine=byzantine,
             server=server,
+            error_feedback=self.error_feedback,
+            outer_lr=self.outer_lr,
+            outer_bits=self.outer_bits,
+            **outer,
             **{k: v for k, v in settings.items() if k in row.option_names},
         )
         return BuildArgs(

@@ -4,6 +4,11 @@ It is on every machine that runs dlion, so the main job needs no download. The f
 list is sorted before a seeded shuffle, so the split depends only on the Python build
 and the split seed, never on directory order. Validation is held out by whole files:
 windows drawn from a file seen in training would leak its text into the score.
+
+Two samplers read the training split: ``BatchSampler`` draws windows at random offsets
+(the job's default, ``--sampling random``), ``StreamSampler`` walks a seeded order of
+non-overlapping windows, each rank its own (``--sampling stream``), so a run trains on
+no byte twice until it has trained on all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ import torch
 
 from dlion import wire
 from dlion.checks import check_int, check_number
+
+# The key stream of the stream sampler's epoch orders: apart from the optimizers' streams
+# (dlion.wire), so an order never shares its draws with a coin.
+EPOCH_STREAM = 0xDA7A
 
 # Installed third-party code is not the standard library and differs between machines.
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -161,3 +170,87 @@ def eval_batches(
     starts = torch.linspace(0, data.numel() - context - 1, n_batches * batch_size).long()
     window = data[starts[:, None] + torch.arange(context + 1)].long()
     return [(w[:, :-1], w[:, 1:]) for w in window.split(batch_size)]
+
+
+class StreamCursor:
+    """A stream's position, kept behind a torch.Generator's ``get_state``/``set_state``.
+
+    Checkpoints save and restore ``sampler.generator`` (dlion.train.checkpoint). A stream
+    draws nothing at random after its epoch orders, which follow from the seed, so its whole
+    state is how many batches it has handed out: that count is what this "generator" holds.
+    """
+
+    # Marks a cursor's state, so a random sampler's RNG state is refused rather than misread.
+    TAG = 0x57EA
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def get_state(self) -> torch.Tensor:
+        return torch.tensor([self.TAG, self.batches], dtype=torch.int64)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        ok = state.dtype == torch.int64 and state.shape == (2,) and int(state[0]) == self.TAG
+        if not ok or int(state[1]) < 0:
+            raise ValueError(
+                f"a stream sampler's state is int64 [{self.TAG}, batches]; got a {state.dtype} tensor "
+                f"of shape {tuple(state.shape)} (a checkpoint of --sampling random?)"
+            )
+        self.batches = int(state[1])
+
+
+class StreamSampler:
+    """Non-overlapping (batch, context) windows of one split, each rank its own, epoch by epoch.
+
+    Window k is bytes [k * context, (k + 1) * context]: its inputs and, shifted by one, its
+    targets, so each byte is a target once per epoch. An epoch is a permutation of the
+    windows seeded by (seed, epoch) and the same on every rank; each step takes its next
+    world_size * batch_size windows and rank r every world_size-th of them from the r-th, so
+    the ranks' windows are disjoint. The permutation's last windows that do not fill a step
+    sit that epoch out (a later epoch's order puts them elsewhere), so no step straddles two
+    epochs.
+    """
+
+    def __init__(
+        self, data: torch.Tensor, *, batch_size: int, context: int, seed: int, rank: int, world_size: int
+    ) -> None:
+        check_int("world_size", world_size, low=1)
+        check_int("rank", rank, low=0, high=world_size - 1)
+        self.n_windows = (data.numel() - 1) // context
+        self.per_step = batch_size * world_size
+        if self.n_windows < self.per_step:
+            raise ValueError(
+                f"data of {data.numel()} bytes holds {self.n_windows} windows of context {context}; "
+                f"a step of {world_size} rank(s) x batch {batch_size} needs {self.per_step}"
+            )
+        self.data, self.context, self.seed = data, context, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = self.n_windows // self.per_step
+        self.offsets = torch.arange(context + 1)
+        self.generator = StreamCursor()
+        self._order: tuple[int, torch.Tensor] = (-1, torch.empty(0, dtype=torch.int64))
+
+    def epochs(self, steps: int) -> float:
+        """How many epochs ``steps`` steps walk; while at most 1, no byte is a target twice."""
+        return steps / self.steps_per_epoch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation of window indices (one epoch kept: the ranks walk forward)."""
+        if self._order[0] != epoch:
+            key = wire.derive_key(self.seed, EPOCH_STREAM, epoch) >> 1  # torch seeds are < 2**63
+            perm = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(key))
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def starts(self, batch: int) -> torch.Tensor:
+        """The start offsets, (batch_size,) int64, of this rank's windows in batch ``batch``."""
+        epoch, k = divmod(batch, self.steps_per_epoch)
+        step = self.order(epoch)[k * self.per_step : (k + 1) * self.per_step]
+        return step[self.rank :: self.world_size] * self.context
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, both (batch, context) int64."""
+        starts = self.starts(self.generator.batches)
+        self.generator.batches += 1
+        window = self.data[starts[:, None] + self.offsets].long()
+        return window[:, :-1], window[:, 1:]

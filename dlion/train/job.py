@@ -4,6 +4,7 @@ schedule, the steps, the checkpoints and the report, as one object the loop driv
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from dlion.train.tasks import Task, build_task, evaluate
 from dlion.worker.catalogue import entry
 from dlion.worker.core.base import CommOptimizer
 from dlion.worker.core.byzantine import Byzantine
+from dlion.worker.local.optimizer import LocalSteps
 
 # Collective records the job keeps per rank: enough to look at, bounded for long runs.
 LEDGER_RECORDS = 100
@@ -69,7 +71,7 @@ class Job:
     def build(
         cfg: TrainConfig, ctx: tdist.DistContext, *, process_group: Any, server: ServerLink | None
     ) -> Job:
-        task = build_task(cfg, rank=ctx.rank, device=ctx.device)
+        task = build_task(cfg, rank=ctx.rank, device=ctx.device, world_size=ctx.world_size)
         model = task.model
         args = cfg.build_args(
             process_group=process_group,
@@ -79,7 +81,7 @@ class Job:
         )
         opt: Any = entry(cfg.optimizer).make(list(model.named_parameters()), args)
         opt.ledger.keep_records = LEDGER_RECORDS  # totals cover every step; records, the last few
-        if isinstance(opt, CommOptimizer):
+        if isinstance(opt, (CommOptimizer, LocalSteps)):
             opt.sync_buffers(model)  # buffers start as rank 0's, with the parameters
         loss_of = opt.wrap(model) if entry(cfg.optimizer).ddp else model.loss
         assert cfg.warmup_steps is not None  # resolved when the config was built
@@ -107,8 +109,10 @@ class Job:
                     self.rec.resumed_from_step = at
 
     def score(self, step: int) -> float:
+        """Rank 0's validation loss; with local steps, of the model the ranks last agreed on."""
         t0 = time.perf_counter()
-        val, accuracy = evaluate(self.task, self.ctx.device)
+        with self.opt.consensus() if isinstance(self.opt, LocalSteps) else contextlib.nullcontext():
+            val, accuracy = evaluate(self.task, self.ctx.device)
         self.rec.eval_time_s += time.perf_counter() - t0
         self.rec.val_loss.append((step, val))
         if accuracy is not None:
@@ -139,6 +143,8 @@ class Job:
             loss = self.loss_of(x.to(ctx.device), y.to(ctx.device))
             loss.backward()
             opt.step()
+            if step == cfg.steps and isinstance(opt, LocalSteps):
+                opt.sync()  # a partial last round ends here: every rank holds the same model
             opt.zero_grad(set_to_none=True)
             self.sched.step()
             rec.train_loss.append(loss.item())
@@ -164,6 +170,7 @@ class Job:
         identical, sums, digest = tdist.params_identical(ctx, self.task.model.parameters())
         by_rank = self.resources.gather(ctx)
         rec.wall_time_s = time.perf_counter() - started
+        rec.rounds = opt.rounds if isinstance(opt, LocalSteps) else None
         report = None
         if self.is_main:
             report = build_report(

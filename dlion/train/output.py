@@ -14,7 +14,7 @@ from dlion.worker.catalogue import entry
 
 def out_dir(cfg: TrainConfig, workers: int) -> Path:
     """``--out``, or a folder named for what tells runs apart:
-    runs/<task>-<optimizer>[-<backend>][-mpi][-dedicated][-virtual]-w<workers>-s<seed>."""
+    runs/<task>-<optimizer>[-<backend>][-mpi][-dedicated][-virtual][-h<local steps>]-w<workers>-s<seed>."""
     if cfg.out is not None:
         return Path(cfg.out)
     parts = [cfg.task, cfg.optimizer]
@@ -26,6 +26,8 @@ def out_dir(cfg: TrainConfig, workers: int) -> Path:
         parts.append("dedicated")
     if cfg.virtual_workers:
         parts.append("virtual")
+    if "local_steps" in entry(cfg.optimizer).option_names:
+        parts.append(f"h{cfg.local_steps}")
     return Path("runs") / "-".join([*parts, f"w{workers}", f"s{cfg.seed}"])
 
 

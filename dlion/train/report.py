@@ -93,6 +93,7 @@ class RunRecord:
     setup_time_s: float = 0.0
     wall_time_s: float = 0.0
     resumed_from_step: int = 0  # the checkpoint this process started from; 0 for a fresh run
+    rounds: int | None = None  # local-step optimizers: outer steps (the ranks' meetings)
 
 
 def build_report(
@@ -133,6 +134,8 @@ def build_report(
         "ledger": ledgers[0],
         # Rank 0's bits per parameter beside fp32 ring all-reduce's at the same N.
         "saving": saving(ledgers[0], rec.world_size),
+        # Local-step optimizers: the rounds the ranks met in (None: they met every step).
+        "rounds": rec.rounds,
         "ledger_by_rank": ledgers,
         # A dedicated parameter server's own traffic (None when there is none).
         "server_ledger": server_ledger,

@@ -37,6 +37,8 @@ from dlion.worker.core.build_args import (
 from dlion.worker.core.lion import Lion
 from dlion.worker.lion.config import DistributedLionConfig
 from dlion.worker.lion.distributed_lion import DistributedLion
+from dlion.worker.local.build import DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM, diloco, local_lion
+from dlion.worker.local.config import DiLoCoOptions, LocalStepsConfig, LocalVoteOptions
 
 Builder = Callable[[Iterable[Any], BuildArgs, Any], torch.optim.Optimizer]
 
@@ -124,18 +126,22 @@ def _lion(params: Iterable[Any], a: BuildArgs, o: CautiousOptions) -> torch.opti
     return Lion(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, cautious_wd=o.cautious_wd)
 
 
+def _vote_config(a: BuildArgs, o: VoteOptions, vote: str, binarize: str = "sign") -> DistributedLionConfig:
+    return a.config(
+        DistributedLionConfig,
+        vote=vote,
+        binarize=binarize,
+        backend=a.backend,
+        cautious_wd=o.cautious_wd,
+        byzantine=o.byzantine,
+        procs_per_node=o.procs_per_node,
+        dedicated_server=o.server is not None,
+    )
+
+
 def _dlion(vote: str, binarize: str = "sign") -> Builder:
     def build(params: Iterable[Any], a: BuildArgs, o: VoteOptions) -> torch.optim.Optimizer:
-        config = a.config(
-            DistributedLionConfig,
-            vote=vote,
-            binarize=binarize,
-            backend=a.backend,
-            cautious_wd=o.cautious_wd,
-            byzantine=o.byzantine,
-            procs_per_node=o.procs_per_node,
-            dedicated_server=o.server is not None,
-        )
+        config = _vote_config(a, o, vote, binarize)
         return DistributedLion(
             params,
             lr=a.lr,
@@ -147,6 +153,35 @@ def _dlion(vote: str, binarize: str = "sign") -> Builder:
         )
 
     return build
+
+
+def _dlion_local(vote: str) -> Builder:
+    def build(params: Iterable[Any], a: BuildArgs, o: LocalVoteOptions) -> torch.optim.Optimizer:
+        if o.server is not None:  # its loop bounds the wait for each step's message by the timeout
+            raise ValueError(
+                "a dedicated parameter server waits for every worker's message within its timeout, and "
+                "local steps send one every H steps: use backend 'server' with the server on rank 0"
+            )
+        outer = _vote_config(a, o, vote)
+        local = LocalStepsConfig(
+            local_steps=o.local_steps, outer_lr=o.resolved_outer_lr, error_feedback=o.error_feedback
+        )
+        return local_lion(
+            params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, local=local, outer=outer,
+            outer_momentum=o.outer_momentum, inner=o.inner, process_group=a.process_group, server=o.server,
+        )  # fmt: skip
+
+    return build
+
+
+def _diloco(params: Iterable[Any], a: BuildArgs, o: DiLoCoOptions) -> torch.optim.Optimizer:
+    return diloco(
+        params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, local_steps=o.local_steps,
+        outer=a.config(GlobalConfig), process_group=a.process_group,
+        outer_lr=DILOCO_OUTER_LR if o.outer_lr is None else o.outer_lr,
+        outer_momentum=DILOCO_OUTER_MOMENTUM if o.outer_momentum is None else o.outer_momentum,
+        outer_bits=o.outer_bits,
+    )  # fmt: skip
 
 
 def _signum(params: Iterable[Any], a: BuildArgs, o: VoteOptions) -> torch.optim.Optimizer:
@@ -241,6 +276,14 @@ CATALOGUE: dict[str, Entry] = {
               ddp=True),
         Entry(name="lion-global", summary="Lion on fp32 all-reduced gradients", build=_global(Lion),
               lr=_LION_LR, weight_decay=_LION_WD, betas=_LION_BETAS, options=ByzantineOptions),
+        Entry(name="dlion-local", summary="H local Lion steps, a majority vote of pseudo-gradient signs",
+              build=_dlion_local("majority"), lr=_VOTE_LR, weight_decay=_LION_WD, betas=_LION_BETAS,
+              options=LocalVoteOptions, payload=SIGNS, default_backend=_VOTE_DEFAULT),
+        Entry(name="dlion-local-avg", summary="H local Lion steps, pseudo-gradient signs averaged",
+              build=_dlion_local("average"), lr=_VOTE_LR, weight_decay=_LION_WD, betas=_LION_BETAS,
+              options=LocalVoteOptions, payload=SIGNS, default_backend=_VOTE_DEFAULT),
+        Entry(name="diloco", summary="DiLoCo: H local AdamW steps, outer Nesterov SGD, fp32",
+              build=_diloco, lr=_ADAMW_LR, weight_decay=0.1, betas=(0.9, 0.999), options=DiLoCoOptions),
     )
 }  # fmt: skip
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(CATALOGUE)

@@ -50,7 +50,7 @@ def fp32_state(state: Any, p: torch.Tensor, name: str, *, like: torch.Tensor | N
     return buf
 
 
-def unwrapped(optimizer: Any, kind: type, needs: str) -> Any:
+def unwrapped(optimizer: Any, kind: type | tuple[type, ...], needs: str) -> Any:
     """The ``kind`` optimizer inside a framework's wrapper (Accelerate's, Lightning's), or itself;
     else ValueError: "``needs``, got <type>"."""
     seen = optimizer
