@@ -123,6 +123,7 @@ def _same_training(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow  # CI: the resume test below runs the stream across processes
 def test_stream_virtual_workers_equal_processes_and_report_the_epochs(tmp_path: Path) -> None:
     real, virtual, rand = tmp_path / "real", tmp_path / "virtual", tmp_path / "random"
     for out, flags in ((real, ["--workers", "2"]), (virtual, ["--virtual-workers", "2"])):

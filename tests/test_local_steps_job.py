@@ -41,7 +41,10 @@ def _report(tmp: Path, name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("optimizer", "workers", "flags"),
-    [("dlion-local", 3, LOCAL), ("diloco", 2, ["--local-steps", "2"])],
+    [
+        ("dlion-local", 3, LOCAL),
+        pytest.param("diloco", 2, ["--local-steps", "2"], marks=pytest.mark.slow),  # CI: test_diloco.py
+    ],
 )
 def test_virtual_workers_equal_processes_bit_for_bit(
     tmp_path: Path, optimizer: str, workers: int, flags: list[str]
