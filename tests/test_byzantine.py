@@ -151,7 +151,8 @@ def test_flipped_gradients_equal_negated_ones_on_the_all_reduce() -> None:
 
 # CI runs the bench on dlion-mavo alone; -m slow on the default pair.
 @pytest.mark.parametrize(
-    "optimizers", [("dlion-mavo",), pytest.param(("dlion-mavo", "adamw-global"), marks=pytest.mark.slow)]
+    "optimizers",
+    [pytest.param(o, marks=pytest.mark.slow) for o in (("dlion-mavo",), ("dlion-mavo", "adamw-global"))],
 )
 def test_byzantine_bench_runs_attacked_jobs(tmp_path: Path, optimizers: tuple[str, ...]) -> None:
     cmd = [sys.executable, "-m", "bench.byzantine", "--small", "--task", "digits", "--steps", "3"]

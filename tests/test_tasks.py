@@ -75,6 +75,7 @@ def test_convergence_plan_validates_and_builds_commands(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow  # CI: the plan's test above; the local-steps study's short run runs the same jobs
 def test_convergence_bench_runs_and_resumes(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench.convergence", "--tasks", "digits", "--workers", "2"]
     cmd += ["--optimizers", "dlion-mavo,adamw-global", "--seeds", "0", "--steps", "3", "--out", str(tmp_path)]

@@ -100,6 +100,7 @@ def _bench(tmp_path: Path, *args: str) -> tuple[list[dict[str, Any]], str]:
     return rows, proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_run(tmp_path: Path) -> None:
     rows, out = _bench(tmp_path, "--quick")
