@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.common.flags import check_ints, check_names, ints, names
 from bench.common.jobs import Job, backend_flags, run_jobs, train_argv
-from bench.common.plots import bits_axis, save
+from bench.common.plots import bits_axis, panels, save
 from dlion import report
 from dlion.train.config import TASKS
 from dlion.worker import catalogue
@@ -171,16 +171,9 @@ def paper_points(reports: list[Path]) -> list[dict[str, Any]]:
 def paper_figure(points: list[dict[str, Any]], path: Path) -> Path:
     """Final validation loss against bits per parameter per iteration (up + down), log x,
     one panel per task and a marker per optimizer: the D-Lion paper's trade-off figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = sorted({p["task"] for p in points})
-    names = sorted({p["optimizer"] for p in points})
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes, colors = panels(len(tasks), sorted({p["optimizer"] for p in points}), (6, 4.5))
+    for ax, task in zip(axes, tasks, strict=True):
         for p in (p for p in points if p["task"] == task):
             bits = p["bits_per_param_up"] + p["bits_per_param_down"]
             low, high = p["final_val_loss_min"], p["final_val_loss_max"]

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.common.flags import check_ints, check_names, ints, names
 from bench.common.jobs import Job, backend_flags, run_jobs, train_argv
-from bench.common.plots import bits_axis, save
+from bench.common.plots import bits_axis, panels, save
 from dlion import report
 from dlion.ledger import fp32_ring_bits_per_param
 from dlion.worker import catalogue
@@ -289,16 +289,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 def figure(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Final validation loss against bits per parameter per step (up + down), log x, a panel
     per worker count, a colour per row family."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = sorted({r["workers"] for r in rows})
-    families = sorted({r["optimizer"] for r in rows})
-    colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
-    fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 5), squeeze=False)
-    for ax, workers in zip(axes[0], counts, strict=True):
+    fig, axes, colors = panels(len(counts), sorted({r["optimizer"] for r in rows}), (7, 5))
+    for ax, workers in zip(axes, counts, strict=True):
         for r in (r for r in rows if r["workers"] == workers):
             bits, v = r["bits_per_param_up"] + r["bits_per_param_down"], r["final_val_loss"]
             err = [[v - r["final_val_loss_min"]], [r["final_val_loss_max"] - v]]

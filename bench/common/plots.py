@@ -6,6 +6,19 @@ from pathlib import Path
 from typing import Any
 
 
+def panels(n: int, families: list[str], size: tuple[float, float]) -> tuple[Any, Any, dict[str, Any]]:
+    """A figure of ``n`` panels side by side (each ``size`` inches, headless backend), its
+    axes row, and a tab10 colour per name of ``families``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    fig, axes = plt.subplots(1, n, figsize=(size[0] * n, size[1]), squeeze=False)
+    return fig, axes[0], colors
+
+
 def bits_axis(ax: Any, *, xlabel: str, ylabel: str, title: str) -> None:
     """A log x axis of bits per parameter, plain numbers on it, the labels and a light grid."""
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
