@@ -6,7 +6,7 @@
 
 Every run streams the standard library's text (``--sampling stream``) for rank-steps / workers
 steps, so all read the same 16.4 M bytes (2,000 steps at 4 workers, 1,000 at 8), under one
-epoch: no byte twice. Rows: adamw-global, dlion-mavo, powersgd rank 1 and 4, diloco H = 16
+epoch: no byte twice. Rows: adamw-global, lion-global, dlion-mavo, powersgd rank 1 and 4, diloco H = 16
 and 64, dlion-local H = 4, 16, 64 with and without error feedback; a local row once per outer
 lr of its grid (dlion-local's as fractions of H: its sign step is outer-lr inner lrs, so H is
 as far as H inner steps go). Cells run deciding ones first (adamw-global, dlion-mavo,
@@ -62,6 +62,7 @@ def _diloco(h: int, tier: int = 4) -> Row:
 # all-reduce and the vote every step, and as good as DiLoCo at the same H?
 ROWS: tuple[Row, ...] = (
     Row(name="adamw-global", optimizer="adamw-global", tier=0),
+    Row(name="lion-global", optimizer="lion-global", tier=4),
     Row(name="dlion-mavo", optimizer="dlion-mavo", tier=1),
     Row(name="powersgd-r1", optimizer="powersgd", tier=4, flags=("--powersgd-rank", "1")),
     Row(name="powersgd-r4", optimizer="powersgd", tier=4, flags=("--powersgd-rank", "4")),
@@ -166,8 +167,8 @@ class Plan:
         return cell.workers >= self.virtual_from and not (known and catalogue.entry(cell.row.optimizer).ddp)
 
 
-def command(plan: Plan, cell: Cell) -> list[str]:
-    """The `dlion train` command of one cell."""
+def cell_flags(plan: Plan, cell: Cell) -> list[str]:
+    """The training flags of one cell (no launcher, no --out)."""
     row = cell.row
     flags = [*plan.flags, "--optimizer", row.optimizer, "--seed", str(cell.seed), "--steps", str(cell.steps)]
     flags += [*backend_flags(row.optimizer), *row.flags]
@@ -177,7 +178,12 @@ def command(plan: Plan, cell: Cell) -> list[str]:
         flags += ["--outer-lr", f"{cell.outer_lr:g}"]
     if row.error_feedback:
         flags += ["--error-feedback"]
-    out = plan.run_dir(cell)
+    return flags
+
+
+def command(plan: Plan, cell: Cell) -> list[str]:
+    """The `dlion train` command of one cell."""
+    flags, out = cell_flags(plan, cell), plan.run_dir(cell)
     if plan.virtual(cell):
         virtual = ["--virtual-workers", str(cell.workers)]
         return [sys.executable, "-m", "dlion", "train", *virtual, *flags, "--out", str(out)]

@@ -38,7 +38,7 @@ TBF_LATENCY = "50ms"  # how long a packet may queue in tbf before it is dropped
 _MIN_BURST_BYTES = 256 * 1024  # holds a 64 KiB GSO super-packet several times over
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-_RATE_RANGE = (10**6, 100 * 10**9)
+_RATE_RANGE = (10**5, 100 * 10**9)  # 100 kbit/s: a slow link between regions, still tbf's to shape
 # "<pid><letter>" tags: namespaces dlion-<tag>-h<h>; links dln<tag>br, dln<tag>v<h>, dln<tag>p<h>.
 _STALE_NS = re.compile(r"^dlion-(\d+)[a-z]-h\d+$")
 _STALE_LINK = re.compile(r"^dln(\d+)[a-z](?:br|[vp]\d+)$")
@@ -65,7 +65,7 @@ def parse_rate(text: str) -> int:
     bits = round(float(m.group(1)) * _RATE_UNITS[m.group(2)])
     low, high = _RATE_RANGE
     if not low <= bits <= high:
-        raise ValueError(f"rate must be between 1mbit and 100gbit, got {text!r}")
+        raise ValueError(f"rate must be between 100kbit and 100gbit, got {text!r}")
     return bits
 
 

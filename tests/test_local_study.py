@@ -35,8 +35,8 @@ def _flag(argv: list[str], name: str) -> str | None:
 def test_the_plan_runs_the_deciding_cells_first_with_their_grids(tmp_path: Path) -> None:
     plan = _plan(tmp_path)
     cells = plan.cells()
-    # 4 rows without an outer step, 2 DiLoCo rows and 6 dlion-local rows at 3 outer lrs, 2 worker counts.
-    assert len(cells) == 2 * (4 + 2 * 3 + 6 * 3)
+    # 5 rows without an outer step, 2 DiLoCo rows and 6 dlion-local rows at 3 outer lrs, 2 worker counts.
+    assert len(cells) == 2 * (5 + 2 * 3 + 6 * 3)
     head = [(c.row.name, c.workers, c.outer_lr) for c in cells[:16]]
     assert head[:4] == [("adamw-global", 4, None), ("adamw-global", 8, None),
                         ("dlion-mavo", 4, None), ("dlion-mavo", 8, None)]  # fmt: skip

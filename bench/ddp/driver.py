@@ -1,7 +1,7 @@
 """DDP benchmark: step time and bytes of the ways gradients meet under DistributedDataParallel.
 
     python -m bench.ddp [--small] [--hosts 4] [--rate 1gbit] [--d-model 256] [--layers 4]
-                        [--steps 10] [--local] [--out bench-results/ddp]
+                        [--steps 10] [--batch 8] [--local] [--out bench-results/ddp]
 
 One launch per variant (``bench.ddp.rank``): DDP's fp32 all-reduce, DDP with torch's PowerSGD
 hook at rank 1 and 4 (then AdamW), DDP with dlion.attach, and DistributedLion without DDP, on
@@ -44,12 +44,21 @@ class DDPBenchConfig:
     layers: int = 4
     steps: int = 10
     warmup: int = 3  # >= 3: compilation, DDP's bucket rebuild, PowerSGD's 2 uncompressed steps
+    batch: int = 8  # sequences of 128 bytes per rank per step
+    burst_bytes: int | None = None  # the links' tbf bucket (None: launch.netns's default)
     local: bool = False
     out: Path = Path("bench-results/ddp")
     time_limit_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        for name, low in (("hosts", 2), ("d_model", 4), ("layers", 1), ("steps", 1), ("warmup", 3)):
+        for name, low in (
+            ("hosts", 2),
+            ("d_model", 4),
+            ("layers", 1),
+            ("steps", 1),
+            ("warmup", 3),
+            ("batch", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
@@ -60,7 +69,8 @@ class DDPBenchConfig:
 def run_variant(cfg: DDPBenchConfig, variant: str) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="dlion-ddp-") as tmp:
         ifname = "lo" if cfg.local else "eth0"
-        argv = (variant, tmp, str(cfg.warmup), str(cfg.steps), str(cfg.d_model), str(cfg.layers), ifname)
+        argv = (variant, tmp, str(cfg.warmup), str(cfg.steps), str(cfg.d_model), str(cfg.layers), ifname,
+                str(cfg.batch))  # fmt: skip
         if cfg.local:
             cmd = [
                 sys.executable,
@@ -75,7 +85,7 @@ def run_variant(cfg: DDPBenchConfig, variant: str) -> list[dict[str, Any]]:
             from launch.cluster import HostJob, run_on_hosts
             from launch.netns import NetSpec
 
-            net = NetSpec(hosts=cfg.hosts, rate=cfg.rate)
+            net = NetSpec(hosts=cfg.hosts, rate=cfg.rate, burst_bytes=cfg.burst_bytes)
             job = HostJob(
                 net=net, procs_per_host=1, time_limit_s=cfg.time_limit_s, module="bench.ddp.rank", argv=argv
             )
@@ -131,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help=f"a quick run: {SMALL}")
     p.add_argument("--hosts", type=int, default=4, help="ranks, one per emulated host (default: %(default)s)")
     p.add_argument("--rate", default="1gbit", help="each link's rate (default: %(default)s)")
-    for name in ("d_model", "layers", "steps", "warmup"):
+    for name in ("d_model", "layers", "steps", "warmup", "batch"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument(
         "--local", action="store_true", help="torchrun on this machine's loopback, no emulated hosts"
@@ -139,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-results/ddp"), help="default: %(default)s")
     args = p.parse_args(argv)
     given = {
-        k: getattr(args, k) for k in ("d_model", "layers", "steps", "warmup") if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in ("d_model", "layers", "steps", "warmup", "batch")
+        if getattr(args, k) is not None
     }
     try:
         cfg = DDPBenchConfig(

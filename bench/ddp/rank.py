@@ -1,4 +1,5 @@
-"""One rank of the DDP benchmark: ``python -m bench.ddp.rank VARIANT OUT WARMUP STEPS D_MODEL LAYERS IFNAME``.
+"""One rank of the DDP benchmark:
+``python -m bench.ddp.rank VARIANT OUT WARMUP STEPS D_MODEL LAYERS IFNAME BATCH``.
 
 Every rank trains the same byte-level transformer (dlion.train.model.ByteGPT) on its own
 batches; only the way gradients meet differs by VARIANT:
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-BATCH, CONTEXT = 8, 128
+CONTEXT = 128
 
 
 def interface_tx(ifname: str) -> int:
@@ -66,7 +67,7 @@ def build(variant: str, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
 def main() -> None:
     variant, out = sys.argv[1], Path(sys.argv[2])
     warmup, steps, d_model, layers = (int(x) for x in sys.argv[3:7])
-    ifname = sys.argv[7]
+    ifname, batch = sys.argv[7], int(sys.argv[8])
     from dlion.train.data import BatchSampler, CorpusConfig, load_corpus
     from dlion.train.dist import set_thread_counts
     from dlion.train.model import ByteGPT, ModelConfig
@@ -77,7 +78,7 @@ def main() -> None:
     model = ByteGPT(ModelConfig(context=CONTEXT, d_model=d_model, layers=layers, heads=4), seed=0)
     net, opt = build(variant, model)
     data = load_corpus(CorpusConfig(max_bytes=2_000_000)).train
-    sampler = BatchSampler(data, batch_size=BATCH, context=CONTEXT, seed=0, rank=rank)
+    sampler = BatchSampler(data, batch_size=batch, context=CONTEXT, seed=0, rank=rank)
     times, losses = [], []
     for step in range(warmup + steps):
         if step == warmup:

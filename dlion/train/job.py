@@ -28,6 +28,7 @@ from dlion.train.report import (
     build_report,
     gather_ledger_summaries,
     gather_mean_losses,
+    gather_step_times,
     write_report,
 )
 from dlion.train.resources import ResourceLog
@@ -166,6 +167,7 @@ class Job:
         close = getattr(opt, "close", None)
         server_ledger = close() if close is not None else None
         mean_loss, rank_loss = gather_mean_losses(ctx, rec.train_loss)
+        step_times = gather_step_times(ctx, rec.step_time_s)
         ledgers = gather_ledger_summaries(ctx, opt.ledger.summary())
         identical, sums, digest = tdist.params_identical(ctx, self.task.model.parameters())
         by_rank = self.resources.gather(ctx)
@@ -184,6 +186,7 @@ class Job:
                 param_sha256=digest,
                 server_ledger=server_ledger,
                 resources=by_rank,
+                step_time_by_rank=step_times,
             )
         if self.store is not None:
             self.checkpoint(self.cfg.steps, report)

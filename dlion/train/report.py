@@ -76,6 +76,12 @@ def gather_mean_losses(ctx: DistContext, losses: list[float]) -> tuple[list[floa
     return rows.mean(0).tolist(), rows.mean(1).tolist()
 
 
+def gather_step_times(ctx: DistContext, step_time_s: list[float]) -> list[list[float]]:
+    """Every rank's seconds per step (rank-major): the slowest rank's step is what a run waits
+    for, and only every rank's own clock shows which one that was."""
+    return all_gather_rows(ctx, torch.tensor(step_time_s, dtype=torch.float64)).tolist()
+
+
 @dataclass
 class RunRecord:
     """What the loop measured on this rank; turned into the report on rank 0."""
@@ -108,6 +114,7 @@ def build_report(
     param_sha256: str,
     server_ledger: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
+    step_time_by_rank: list[list[float]] | None = None,
 ) -> dict[str, Any]:
     steps = len(rec.step_time_s)
     train_time = sum(rec.step_time_s)
@@ -152,6 +159,8 @@ def build_report(
         "eval_time_s": rec.eval_time_s,
         "step_time_s_mean": train_time / steps if steps else math.nan,
         "step_time_s": rec.step_time_s,
+        # Every rank's seconds per step (rank 0's is step_time_s).
+        "step_time_s_by_rank": step_time_by_rank,
     }
 
 

@@ -1,0 +1,1 @@
+"""Wall clock to quality on declared clusters (``python -m bench.ttq``)."""
