@@ -119,8 +119,14 @@ def test_the_driver_sums_up_the_runs_on_disk(tmp_path: Path) -> None:
         _write(R.convergence_dir(R.BY_NAME[name], plan) / "report.json", run)
     _write(out / "compute" / "report.json", _report([[9.0] + [0.4] * 22 + [3.0]] * 4))
     sc = BY_NAME["25gbe"]
+    # At the nominal rate adamw-global's communication takes 1.25x the declared time: the
+    # calibrated rate is 1.25x the nominal, and the rows run there.
+    nominal = 6 * 1_000_000 * 8 / (sc.ratio * 0.4)  # 48 bits per parameter at 4 workers
+    _write(
+        out / "calibrate" / "25gbe" / "report.json", _report([[9.0] + [0.4 + 1.25 * sc.ratio * 0.4] * 3] * 4)
+    )
     adamw_step = 0.4 * (1 + sc.ratio)
-    steps = out / "steps" / "25gbe"
+    steps = out / "runs" / f"25gbe-{rate_text(1.25 * nominal)}"
     _write(steps / "adamw-global" / "report.json", _report([[9.0] + [adamw_step] * 3] * 4))
     _write(steps / "dlion-mavo" / "report.json", _report([[9.0] + [0.5] * 27] * 4))
     # PowerSGD: start-up, a stray step, its fp32 phase (steps 3-5) at 1.5 s, then 0.45 s.
@@ -131,10 +137,10 @@ def test_the_driver_sums_up_the_runs_on_disk(tmp_path: Path) -> None:
     rank0, rank1 = ([0.3] * 15 + [1.0]) * 3, ([0.35] * 15 + [0.5]) * 3
     _write(steps / "dlion-local-h16" / "report.json", _report([rank0, rank1, rank0, rank0]))
     for variant, step in (("ddp-fp32", 1.0), ("ddp-dlion", 0.6)):
-        _write(out / "ddp" / "25gbe" / f"{variant}.json",
+        _write(steps / "ddp" / f"{variant}.json",
                [{"step_s": [step + 0.1 * r, step, step + 0.1 * (3 - r)]} for r in range(4)])  # fmt: skip
     full = {"step_time_s": [0.3] * 400, "train_time_s": 140.0, "param_sha256": "dlion-local-h16"}
-    _write(out / "validate" / "25gbe" / "dlion-local-h16" / "report.json", full)
+    _write(steps / "validate" / "dlion-local-h16" / "report.json", full)
     flags = ["--study", str(study), "--out", str(out), "--scenarios", "25gbe", "--summary-only"]
     assert main([*flags, "--validate", "dlion-local-h16@25gbe"]) == 0
     md = (out / "ttq.md").read_text()
@@ -153,8 +159,10 @@ def test_the_driver_sums_up_the_runs_on_disk(tmp_path: Path) -> None:
     assert cells["adamw-ddp"]["step_s"] == pytest.approx(1.3)  # the median of each step's slowest rank
     assert cells["dlion-mavo-ddp"]["steps_to"] == [None, None, 200]
     assert "No convergence run yet (left out): lion-global, powersgd-r4" in md and (out / "ttq.png").exists()
-    fp32_bytes = 6 * 1_000_000  # 48 bits per parameter at 4 workers
-    assert f"emulated at {rate_text(fp32_bytes * 8 / (sc.ratio * 0.4))} per link" in md
+    assert (
+        f"emulated at {rate_text(1.25 * nominal)} (calibrated; nominal {rate_text(nominal)}) per link" in md
+    )
+    assert f"(step - t_c) / t_c = {sc.ratio:.2f}" in md
     product = 400 * local["step_s"]
     assert f"give {product / 60:.1f} min ({100 * (product - 140) / 140:+.1f}%)" in md and "bit for bit" in md
     hours = 200 * projection.step_s("adamw-global", sc, 64) / 3600  # +2% at step 200
@@ -240,5 +248,6 @@ def test_small_runs_on_the_emulated_cluster(tmp_path: Path) -> None:
     md = (out / "ttq.md").read_text()
     assert "| adamw-global | " in md and "| dlion-local-h16 | " in md
     assert "Its final parameters are bit for bit those of the study's run." in md
-    timing = json.loads((out / "steps" / "25gbe" / "dlion-local-h16" / "report.json").read_text())
+    (root,) = (out / "runs").glob("25gbe-*kbit")  # the calibrated rate's folder
+    timing = json.loads((root / "dlion-local-h16" / "report.json").read_text())
     assert len(timing["step_time_s_by_rank"]) == 4 and timing["config"]["local_steps"] == 16

@@ -33,8 +33,9 @@ DDP_ROWS: tuple[DdpRow, ...] = (
 BY_NAME = {r.name: r for r in DDP_ROWS}
 
 
-def result_path(out: Path, scenario: str, row: DdpRow) -> Path:
-    return out / "ddp" / scenario / f"{row.variant}.json"
+def result_path(root: Path, row: DdpRow) -> Path:
+    """``root``: the scenario's folder of runs at its rate."""
+    return root / "ddp" / f"{row.variant}.json"
 
 
 def measure(row: DdpRow, path: Path, *, rate: str, burst_bytes: int, model: dict[str, int]) -> None:

@@ -6,7 +6,9 @@
 1. The compute run: 4 emulated hosts, one worker each, local steps that never meet: the
    median step of the slowest rank is the step's compute t_c on this machine.
 2. Per scenario (``bench.ttq.scenarios``), the link rate at which the fp32 ring all-reduce of
-   the model's gradients takes the scenario's ratio times t_c. Per row, at that rate: a short
+   the model's gradients takes the scenario's ratio times t_c: first the rate at which its
+   bytes alone would, then adamw-global's short run there, and the rate scaled by how much
+   longer its communication took (the calibration). Per row, at that rate: a short
    run of the row's study flags on ``launch.cluster`` (``bench.ttq.rows``), or for the rows
    under DDP a ``bench.ddp`` variant with the same model and batch (``bench.ttq.ddp``).
 3. The time to each target: the step at which the row's convergence run (the local-steps
@@ -49,6 +51,15 @@ def _has_curve(ctx: Context, study_row: str) -> bool:
     return ctx.convergence(study_row) is not None
 
 
+def calibration_jobs(ctx: Context) -> list[Job]:
+    """adamw-global's short run at each scenario's nominal rate (``Context.rate_bits``)."""
+    flags = R.timing_flags(R.BY_NAME[R.BASELINE], ctx.plan)
+    return [
+        cluster_job(f"calibrate {sc}", flags, ctx.calibration_dir(sc), ctx.nominal_bits(sc))
+        for sc in ctx.args.scenarios
+    ]
+
+
 def jobs(ctx: Context) -> list[Job]:
     """The short timing runs of the job rows, and the validation run."""
     out: list[Job] = []
@@ -84,7 +95,7 @@ def measure_ddp(ctx: Context, *, dry_run: bool) -> None:
     for sc in ctx.args.scenarios:
         bits = ctx.rate_bits(sc)
         for r in ctx.ddp_rows:
-            path = D.result_path(ctx.args.out, sc, r)
+            path = D.result_path(ctx.run_root(sc), r)
             if path.exists() or not _has_curve(ctx, r.curve):
                 continue
             print(f"{r.name} at {sc}: bench.ddp {r.variant} at {rate_text(bits)}", flush=True)
@@ -155,6 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.dry_run else 1
     ctx = Context(args=args, plan=plan, compute=json.loads(compute_job.report.read_text()))
     check_compute(ctx)
+    calibrate = calibration_jobs(ctx)
+    if args.dry_run:
+        print("\n".join(" ".join(job.argv) for job in calibrate))
+    elif not args.summary_only:
+        run_jobs(calibrate)
+    if not all(job.report.exists() for job in calibrate):
+        print("no calibration runs yet: the rates follow from them", file=sys.stderr)
+        return 0 if args.dry_run else 1
     todo = jobs(ctx)
     if args.dry_run:
         print("\n".join(" ".join(job.argv) for job in todo))

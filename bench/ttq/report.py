@@ -13,7 +13,14 @@ from bench.local_study import Plan
 from bench.ttq import ddp as D
 from bench.ttq import projection
 from bench.ttq import rows as R
-from bench.ttq.scenarios import BY_NAME, derivation_table, emulated_rate_bits, rate_text
+from bench.ttq.scenarios import (
+    BY_NAME,
+    MAX_RATE_BITS,
+    MIN_RATE_BITS,
+    derivation_table,
+    emulated_rate_bits,
+    rate_text,
+)
 from bench.ttq.summary import TARGETS, Cell, as_json, make_cell, plot, steps_to, table
 from bench.ttq.timing import StepTime, compute_time, measured_step_time
 from dlion.ledger import fp32_ring_bits_per_param
@@ -44,9 +51,36 @@ class Context:
     def compute_s(self) -> float:
         return compute_time(self.compute)
 
-    def rate_bits(self, scenario: str) -> float:
+    def nominal_bits(self, scenario: str) -> float:
+        """The rate at which the fp32 all-reduce's bytes alone would take the declared time."""
         fp32_bytes = fp32_ring_bits_per_param(R.WORKERS) * self.compute["n_params"] / 8
         return emulated_rate_bits(BY_NAME[scenario], allreduce_bytes=fp32_bytes, compute_s=self.compute_s)
+
+    def calibration_dir(self, scenario: str) -> Path:
+        return self.args.out / "calibrate" / scenario
+
+    def rate_bits(self, scenario: str) -> float:
+        """The calibrated rate: the links carry the all-reduce slower than their tbf rate
+        (headers, TCP, Gloo's own work), so adamw-global's step is timed at the nominal rate
+        first and the rate scaled until its communication takes the declared multiple of t_c."""
+        cal = _load(self.calibration_dir(scenario) / "report.json")
+        if cal is None:
+            where = self.calibration_dir(scenario)
+            raise ValueError(f"no calibration run in {where}: run bench.ttq without --summary-only")
+        comm = measured_step_time(cal, skip=R.CALIBRATION.skip).steady_s - self.compute_s
+        declared = BY_NAME[scenario].ratio * self.compute_s
+        if not comm > 0:
+            raise ValueError(f"{scenario}: adamw-global's step at the nominal rate is not longer than t_c")
+        bits = self.nominal_bits(scenario) * comm / declared
+        if not MIN_RATE_BITS <= bits <= MAX_RATE_BITS:
+            raise ValueError(
+                f"{scenario}: the calibrated rate {bits / 1e3:,.0f} kbit/s is outside what the links shape"
+            )
+        return bits
+
+    def run_root(self, scenario: str) -> Path:
+        """Where a scenario's runs at its calibrated rate live (another rate, another folder)."""
+        return self.args.out / "runs" / f"{scenario}-{rate_text(self.rate_bits(scenario))}"
 
     def convergence(self, study_row: str) -> dict[str, Any] | None:
         """The study's run of a job row (by name), its loss curve; None while it has none."""
@@ -55,11 +89,11 @@ class Context:
         return self._runs[study_row]
 
     def steps_dir(self, scenario: str, row: str) -> Path:
-        return self.args.out / "steps" / scenario / row
+        return self.run_root(scenario) / row
 
     def validate_dir(self) -> Path:
         row, sc = self.args.validate
-        return self.args.out / "validate" / sc / row
+        return self.run_root(sc) / "validate" / row
 
 
 def _warm_steps(run: dict[str, Any]) -> int:
@@ -78,7 +112,7 @@ def step_times(ctx: Context, sc: str) -> dict[str, tuple[StepTime, str, int]]:
         st = measured_step_time(timing, skip=t.skip, segment=t.segment, warm_steps=t.warm_steps)
         out[r.name] = (st.with_warm_steps(_warm_steps(run)) if t.warm_steps else st, r.name, t.segment)
     for d in ctx.ddp_rows:
-        path, run = D.result_path(ctx.args.out, sc, d), ctx.convergence(d.curve)
+        path, run = D.result_path(ctx.run_root(sc), d), ctx.convergence(d.curve)
         if path.exists() and run is not None:
             out[d.name] = (StepTime(steady_s=D.step_time(json.loads(path.read_text()))), d.curve, 1)
     return out
@@ -107,7 +141,8 @@ def write(ctx: Context) -> Path:
             sc_cells.append(make_cell(BY_NAME[sc], name, run, st, baseline_loss=base_loss, one_off_s=one_off,
                                       segment=segment))  # fmt: skip
         cells += sc_cells
-        parts += [table(BY_NAME[sc], sc_cells, baseline=R.BASELINE, rate_text=rate_text(bits)), ""]
+        rate = f"{rate_text(bits)} (calibrated; nominal {rate_text(ctx.nominal_bits(sc))})"
+        parts += [table(BY_NAME[sc], sc_cells, baseline=R.BASELINE, rate_text=rate), ""]
         if (sc, R.BASELINE) in times:
             got = (times[(sc, R.BASELINE)].steady_s - ctx.compute_s) / ctx.compute_s
             parts += [f"adamw-global's step here: (step - t_c) / t_c = {got:.2f} (declared "

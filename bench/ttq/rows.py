@@ -77,6 +77,7 @@ ROWS: tuple[TtqRow, ...] = (
     TtqRow(name="dlion-local-h16-ef", study_row="dlion-local-h16-ef", outer_lr=8.0, timing=_local(16)),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
+CALIBRATION = ROWS[0].timing  # adamw-global's: its fp32 all-reduce sets each scenario's rate
 BY_NAME = {r.name: r for r in ROWS}
 BASELINE = "adamw-global"
 
