@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.ttq.timing import slowest_rank
+
 WARMUP = 3  # bench.ddp's untimed steps: compilation, DDP's bucket rebuild
 
 
@@ -51,4 +53,5 @@ def measure(row: DdpRow, path: Path, *, rate: str, burst_bytes: int, model: dict
 
 def step_time(ranks: list[dict[str, Any]]) -> float:
     """The median over timed steps of the slowest rank's step."""
-    return statistics.median(max(r["step_s"][i] for r in ranks) for i in range(len(ranks[0]["step_s"])))
+    by_rank = [r["step_s"] for r in ranks]
+    return statistics.median(slowest_rank(by_rank, 1, len(by_rank[0]), 1))

@@ -38,6 +38,7 @@ class Context:
     plan: Plan
     compute: dict[str, Any]
     _runs: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    _rates: dict[str, float] = field(default_factory=dict)
 
     @property
     def job_rows(self) -> list[R.TtqRow]:
@@ -62,7 +63,10 @@ class Context:
     def rate_bits(self, scenario: str) -> float:
         """The calibrated rate: the links carry the all-reduce slower than their tbf rate
         (headers, TCP, Gloo's own work), so adamw-global's step is timed at the nominal rate
-        first and the rate scaled until its communication takes the declared multiple of t_c."""
+        first and the rate scaled until its communication takes the declared multiple of t_c.
+        Read once per scenario: every run folder and job of it is named by this rate."""
+        if scenario in self._rates:
+            return self._rates[scenario]
         cal = _load(self.calibration_dir(scenario) / "report.json")
         if cal is None:
             where = self.calibration_dir(scenario)
@@ -76,6 +80,7 @@ class Context:
             raise ValueError(
                 f"{scenario}: the calibrated rate {bits / 1e3:,.0f} kbit/s is outside what the links shape"
             )
+        self._rates[scenario] = bits
         return bits
 
     def run_root(self, scenario: str) -> Path:
