@@ -208,6 +208,49 @@ def run_hf_resume(out: Path) -> dict[str, Any]:
     return {"whole": whole, "resumed": resumed, "steps": [whole_steps, resumed_steps], "resume_at": RESUME_AT}
 
 
+def run_hf_early(out: Path) -> dict[str, Any]:
+    """dlion-local (H = 5) under the Trainer with load_best_model_at_end, evaluated every 3
+    steps and stopped by an evaluation in the middle of a round, the way EarlyStoppingCallback
+    stops it: once where a checkpoint follows the stopping evaluation (saved every 3 steps,
+    stopped at 6) and once where none does (saved every 6, stopped at 9). Each records the
+    final parameters and the best checkpoint's, read back from its file."""
+    from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from dlion.integrations.hf import DistributedLionCallback
+
+    class StopAt(TrainerCallback):  # type: ignore[misc]
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            control.should_training_stop = state.global_step >= self.step
+
+    def train(save_steps: int, stop_at: int) -> dict[str, Any]:
+        args = TrainingArguments(
+            output_dir=str(out / f"save{save_steps}"), per_device_train_batch_size=BATCH,
+            per_device_eval_batch_size=BATCH, max_steps=STEPS, learning_rate=3e-3, weight_decay=0.1,
+            use_cpu=True, report_to=[], eval_strategy="steps", eval_steps=3, save_strategy="steps",
+            save_steps=save_steps, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+            ddp_backend="gloo", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+            ddp_find_unused_parameters=False,
+        )  # fmt: skip
+        net, held_out = model(), torch.utils.data.Subset(Windows(), range(4 * BATCH))
+        callbacks = [DistributedLionCallback(), StopAt(stop_at)]
+        trainer = Trainer(net, args, train_dataset=Windows(), eval_dataset=held_out, callbacks=callbacks)
+        trainer.optimizer = opt = local_steps(net.parameters())
+        trainer.train()
+        best = trainer.state.best_model_checkpoint
+        return {
+            "params": param_digest(net),
+            "best": param_digest(GPT2LMHeadModel.from_pretrained(best)),
+            "best_checkpoint": Path(best).name,
+            "steps": trainer.state.global_step,
+            "rounds": opt.rounds,
+        }
+
+    return {"saved_at_stop": train(3, 6), "not_saved_at_stop": train(6, 9)}
+
+
 def run_lightning_resume(out: Path) -> dict[str, Any]:
     """Two epochs of RESUME_AT steps, checkpointed at each epoch's end, then a fresh Trainer
     fit from the first epoch's checkpoint. Lightning restores no RNG state: no dropout."""
@@ -293,8 +336,10 @@ def run_clip(framework: str, out: Path) -> dict[str, Any]:
 
 def main() -> None:
     framework, out = sys.argv[1], Path(sys.argv[2])
-    if framework in ("hf-resume", "lightning-resume", "hf-clip", "lightning-clip"):
-        if framework.endswith("-clip"):
+    if framework in ("hf-resume", "lightning-resume", "hf-clip", "lightning-clip", "hf-early"):
+        if framework == "hf-early":
+            record = run_hf_early(out)
+        elif framework.endswith("-clip"):
             record = run_clip(framework, out)
         else:
             resume = run_hf_resume if framework == "hf-resume" else run_lightning_resume

@@ -214,6 +214,22 @@ def test_a_framework_resumes_the_uninterrupted_run(tmp_path: Path, framework: st
 
 
 @needs_frameworks
+@pytest.mark.timeout(400)
+def test_hf_early_stop_with_local_steps_ends_on_the_best_model(tmp_path: Path) -> None:
+    """dlion-local stopped by an evaluation in the middle of a round, load_best_model_at_end:
+    the open round ends before the Trainer loads its best checkpoint, so both ranks end on
+    that checkpoint's model, not moved by a vote after the load; with a checkpoint right
+    after the stopping evaluation and without one."""
+    ranks = _torchrun("hf-early", tmp_path / "early")
+    for case, stop, best in (("saved_at_stop", 6, None), ("not_saved_at_stop", 9, "checkpoint-6")):
+        a, b = (r[case] for r in ranks)
+        assert a["steps"] == b["steps"] == stop, case
+        assert a["rounds"] == b["rounds"] == 2, case  # one whole round, and the one cut short
+        assert best is None or a["best_checkpoint"] == best, (case, a["best_checkpoint"])
+        assert a["params"] == b["params"] == a["best"] == b["best"], case
+
+
+@needs_frameworks
 def test_hf_create_optimizer_takes_lions_betas_not_adams(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 

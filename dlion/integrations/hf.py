@@ -64,10 +64,17 @@ class DistributedLionCallback(TrainerCallback):
             changes = bool(args.max_grad_norm and args.max_grad_norm > 0) or bool(args.fp16)
             self.attachment = attach(ddp, kwargs["optimizer"], vote_in_step=True if changes else None)
 
+    # Local steps: a partial last round ends on every rank before the Trainer loads its best
+    # model (load_best_model_at_end), which on_train_end comes after. The last step ends it at
+    # max_steps; a stop decided by an evaluation (EarlyStoppingCallback) is seen next either
+    # by on_save (a checkpoint follows the evaluation) or by on_epoch_end (the loop left).
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # Local steps: a partial last round ends with the last step, on every rank, before the
-        # Trainer loads its best model (load_best_model_at_end) or saves the final one.
         if state.max_steps and state.global_step >= state.max_steps:
+            end_rounds(kwargs.get("optimizer"))
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_training_stop:
             end_rounds(kwargs.get("optimizer"))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -76,10 +83,11 @@ class DistributedLionCallback(TrainerCallback):
             self.attachment.detach()
             self.attachment = None
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Every rank, after the Trainer wrote a checkpoint: its optimizer.pt holds every rank's
-        state, gathered, wherever the Trainer wrote it (rank 0, or each node's first rank)."""
-        opt = unwrap_optimizer(kwargs["optimizer"])
+    @staticmethod
+    def _save_every_ranks_state(args: Any, state: Any, optimizer: Any) -> None:
+        """The checkpoint's optimizer.pt holds every rank's state, gathered, wherever the Trainer
+        wrote it (rank 0, or each node's first rank)."""
+        opt = unwrap_optimizer(optimizer)
         comm = opt.comm_now()
         if args.save_only_model or comm is None or comm.world_size == 1 or opt.sharded:
             return  # no optimizer.pt, rank 0's state is the only one, or FSDP's DCP saved every rank's
@@ -97,6 +105,13 @@ class DistributedLionCallback(TrainerCallback):
         tmp = file.with_name(file.name + ".tmp")
         torch.save(gathered, tmp)
         os.replace(tmp, file)  # a reader never sees half a file
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Every rank, after the Trainer wrote a checkpoint: its optimizer state replaced by every
+        rank's, then, if training stops here, the open round ended (after the state it saved)."""
+        self._save_every_ranks_state(args, state, kwargs["optimizer"])
+        if control.should_training_stop:
+            end_rounds(kwargs.get("optimizer"))
 
 
 def create_optimizer(trainer: Trainer, **dlion_kwargs: Any) -> DistributedLion:
